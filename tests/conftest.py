@@ -1,0 +1,36 @@
+"""Test setup: without a GPU, Triton kernels run on CPU tensors through the interpreter.
+
+TRITON_INTERPRET must be set before triton is imported, so it is set here, first. With a CUDA
+device the same tests run the compiled kernels on it instead.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none visible)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Fresh random inputs per test, reproducible from the test id.
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))

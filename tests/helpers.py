@@ -1,0 +1,70 @@
+"""Shared test helpers: random inputs and comparison against the float64 oracle."""
+
+from __future__ import annotations
+
+import torch
+
+from tofu_kernels.reference import reduce_rows, tofu_rows
+
+# Tolerances: the loss is computed in fp32 whatever the input dtype, so it must match the float64
+# oracle (on the same rounded inputs) to fp32 accuracy; the gradient is rounded to the logits'
+# dtype once in the kernel and once more when backward scales it.
+LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def random_logits(shape, dtype, device, scale=4.0) -> torch.Tensor:
+    """Logits with a spread like a trained LM head: mostly O(scale), a few large outliers."""
+    z = torch.randn(shape, dtype=torch.float32, device=device) * scale
+    z = z + (torch.rand(shape, device=device) < 0.01) * 3 * scale
+    return z.to(dtype)
+
+
+def random_labels(shape, vocab, device, ignored=0.0, ignore_index=-100) -> torch.Tensor:
+    labels = torch.randint(0, vocab, shape, device=device)
+    if ignored >= 1.0:
+        return torch.full_like(labels, ignore_index)
+    drop = torch.rand(shape, device=device) < ignored
+    return torch.where(drop, torch.full_like(labels, ignore_index), labels)
+
+
+def oracle(
+    logits,
+    labels,
+    *,
+    gamma,
+    beta,
+    ignore_index=-100,
+    reduction="mean",
+    num_items_in_batch=None,
+    softcap=None,
+    grad_output=None,
+):
+    """float64 loss and, for a given upstream gradient, the float64 gradient w.r.t. the logits."""
+    vocab = logits.shape[-1]
+    z = logits.detach().reshape(-1, vocab).double()
+    y = labels.reshape(-1)
+    rows, _, grad_rows = tofu_rows(z, y, gamma, beta, ignore_index, softcap, compute_grad=True)
+    loss = reduce_rows(rows, labels, ignore_index, reduction, num_items_in_batch)
+    if grad_output is None:
+        return loss, None
+    go = grad_output.double()
+    if reduction == "none":
+        factor = go.reshape(-1, 1)
+    elif reduction == "sum":
+        factor = go
+    else:
+        denom = num_items_in_batch if num_items_in_batch is not None else (y != ignore_index).sum()
+        factor = go / max(float(denom), 1.0)
+    return loss, (grad_rows * factor).reshape(logits.shape)
+
+
+def assert_close(actual, expected, rtol, what=""):
+    """Elementwise, with an absolute floor of rtol times the largest expected magnitude."""
+    actual = actual.double()
+    expected = expected.double()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(
+        actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=lambda m: f"{what}: {m}"
+    )

@@ -1,0 +1,84 @@
+"""Every bad input of the spec raises a clear error naming the argument, before any launch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tofu_kernels import TOFULoss, tofu_loss
+
+
+def _inputs():
+    return torch.randn(4, 11), torch.randint(0, 11, (4,))
+
+
+# (case id, change to the valid call, error type, message pattern)
+BAD_INPUTS = [
+    ("gamma<0", dict(gamma=-0.1), ValueError, "gamma"),
+    ("gamma nan", dict(gamma=float("nan")), ValueError, "gamma"),
+    ("gamma inf", dict(gamma=float("inf")), ValueError, "gamma"),
+    ("gamma str", dict(gamma="3"), TypeError, "gamma"),
+    ("beta=0", dict(beta=0.0), ValueError, "beta"),
+    ("beta<0", dict(beta=-1.0), ValueError, "beta"),
+    ("beta inf", dict(beta=float("inf")), ValueError, "beta"),
+    ("beta tensor", dict(beta=torch.tensor(0.8)), TypeError, "beta"),
+    ("reduction", dict(reduction="avg"), ValueError, "reduction"),
+    ("impl", dict(impl="cuda"), ValueError, "impl"),
+    ("softcap<=0", dict(softcap=0.0), ValueError, "softcap"),
+    ("ignore_index float", dict(ignore_index=-100.0), TypeError, "ignore_index"),
+    ("num_items 0", dict(num_items_in_batch=0), ValueError, "num_items_in_batch"),
+    ("logits not tensor", dict(logits=[[0.0, 1.0]]), TypeError, "logits"),
+    ("logits int", dict(logits=torch.zeros(4, 11, dtype=torch.long)), TypeError, "logits"),
+    ("empty vocabulary", dict(logits=torch.zeros(4, 0)), ValueError, "vocabulary"),
+    ("0-dim logits", dict(logits=torch.tensor(1.0)), ValueError, "vocabulary"),
+    ("labels float", dict(labels=torch.zeros(4)), TypeError, "labels"),
+    ("labels bool", dict(labels=torch.zeros(4, dtype=torch.bool)), TypeError, "labels"),
+    ("labels shape", dict(labels=torch.zeros(5, dtype=torch.long)), ValueError, "labels"),
+    ("labels 2-D", dict(labels=torch.zeros(4, 1, dtype=torch.long)), ValueError, "labels"),
+    ("label >= V", dict(labels=torch.tensor([0, 11, 2, 3])), ValueError, "labels"),
+    ("label < 0", dict(labels=torch.tensor([0, -1, 2, 3])), ValueError, "labels"),
+    (
+        "labels on meta",
+        dict(labels=torch.zeros(4, dtype=torch.long, device="meta")),
+        ValueError,
+        "labels",
+    ),
+    (
+        "fp64 triton",
+        dict(logits=torch.zeros(4, 11, dtype=torch.float64), impl="triton"),
+        TypeError,
+        "impl",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "change,error,pattern", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+)
+def test_bad_input_raises(change, error, pattern, monkeypatch):
+    from tofu_kernels import tofu as tofu_mod
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel was launched for bad input")
+
+    monkeypatch.setattr(tofu_mod, "tofu_fwd", no_launch)
+    monkeypatch.setattr(tofu_mod, "tofu_fwd_torch", no_launch)
+    logits, labels = _inputs()
+    kwargs = dict(change)
+    logits = kwargs.pop("logits", logits)
+    labels = kwargs.pop("labels", labels)
+    with pytest.raises(error, match=pattern):
+        tofu_loss(logits, labels, **kwargs)
+
+
+def test_module_rejects_bad_options_at_construction():
+    with pytest.raises(ValueError, match="beta"):
+        TOFULoss(beta=0.0)
+
+
+def test_ignore_index_label_is_not_out_of_range():
+    logits, labels = _inputs()
+    labels[0] = -100
+    assert torch.isfinite(tofu_loss(logits, labels))
+    labels[0] = 11  # a custom ignore_index outside [0, V) is fine too
+    assert torch.isfinite(tofu_loss(logits, labels, ignore_index=11))

@@ -1,0 +1,181 @@
+"""Options, input checks and reductions shared by every TOFU op."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("auto", "triton", "torch")
+# Dtypes the Triton kernels read; the torch path also takes float64.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+@dataclass(frozen=True)
+class TOFUParams:
+    """Every non-tensor option of a TOFU op: travels to the autograd Function as one value."""
+
+    gamma: float = 3.0
+    beta: float = 0.8
+    ignore_index: int = -100
+    reduction: str = "mean"
+    softcap: float | None = None
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, lower, strict in (("gamma", 0.0, False), ("beta", 0.0, True)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+            if value < lower or (strict and value == lower):
+                op = ">" if strict else ">="
+                raise ValueError(f"{name} must be {op} {lower}, got {value}")
+            object.__setattr__(self, name, float(value))
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.impl not in IMPLS + ("chunked",):
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        if self.softcap is not None:
+            if isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)):
+                raise TypeError(f"softcap must be a real number or None, got {self.softcap!r}")
+            if not (math.isfinite(self.softcap) and self.softcap > 0):
+                raise ValueError(f"softcap must be a finite number > 0, got {self.softcap}")
+            object.__setattr__(self, "softcap", float(self.softcap))
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(impl: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Resolve ``impl`` for tensors on ``device``: Triton on GPUs (and under the interpreter)."""
+    if impl == "torch":
+        return False
+    if impl == "auto":
+        return dtype in KERNEL_DTYPES and (device.type == "cuda" or interpreting())
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"impl={impl!r} takes {KERNEL_DTYPES} logits, got {dtype}")
+    return True
+
+
+def check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...] | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
+
+
+def check_labels(labels: object, expected_shape: torch.Size, device: torch.device) -> None:
+    check_tensor("labels", labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != expected_shape:
+        raise ValueError(
+            f"labels must have shape {tuple(expected_shape)}, got {tuple(labels.shape)}"
+        )
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device}, expected {device}")
+
+
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Raise for labels outside ``[0, vocab)``, where that needs no host-device sync (CPU tensors).
+
+    On a GPU the kernels write NaN as such a token's loss instead.
+    """
+    if labels.device.type != "cpu" or labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        value = labels[bad].flatten()[0].item()
+        raise ValueError(
+            f"labels must be in [0, {vocab}) or ignore_index={ignore_index}, found {value}"
+        )
+
+
+def check_num_items(num_items_in_batch: object) -> None:
+    if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
+        return
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
+        raise TypeError(
+            f"num_items_in_batch must be a number or a tensor, got {num_items_in_batch!r}"
+        )
+    if not num_items_in_batch > 0:
+        raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+
+
+def reduction_scale(
+    labels: torch.Tensor,
+    params: TOFUParams,
+    num_items_in_batch: int | float | torch.Tensor | None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor | None:
+    """The device scalar (fp32, or ``dtype``) that turns a sum of per-token losses into the loss.
+
+    None for "none" and "sum". For "mean", ``1 / num_items_in_batch``, or ``1 / n_valid``; the count
+    stays on the device (no host sync), clamped to 1 so that no valid token gives 0, not NaN.
+    """
+    if params.reduction != "mean":
+        return None
+    if num_items_in_batch is None:
+        denom = (labels != params.ignore_index).sum()
+    else:
+        denom = torch.as_tensor(num_items_in_batch, device=labels.device)
+    return 1.0 / denom.to(device=labels.device, dtype=dtype).clamp(min=1.0)
+
+
+def reduce_loss(
+    loss_rows: torch.Tensor, shape: torch.Size, params: TOFUParams, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """Reduce fp32 per-token losses (0 at ignored tokens) as ``params.reduction`` says."""
+    if params.reduction == "none":
+        return loss_rows.reshape(shape)
+    total = loss_rows.sum()
+    return total if scale is None else total * scale
+
+
+def grad_multiplier(
+    grad_output: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The factor, ``(1, 1)`` or per-row ``(N, 1)``, that backward applies to a stored gradient.
+
+    fp32 (or ``dtype``), and with a dimension on purpose: a 0-dim factor would be rounded to
+    bf16/fp16 before an in-place multiply of a half-precision gradient.
+    """
+    factor = grad_output.to(dtype)
+    if scale is not None:
+        factor = factor * scale
+    return factor.reshape(-1, 1)
+
+
+@dataclass
+class TOFUStats:
+    """Detached fp32 statistics over the valid tokens of one call (0-dim tensors, no host sync)."""
+
+    mean_p: torch.Tensor
+    mean_focal_weight: torch.Tensor
+    entropy: torch.Tensor
+    accuracy: torch.Tensor
+    n_tokens: torch.Tensor
+
+    @classmethod
+    def from_rows(
+        cls, row_stats: torch.Tensor, labels: torch.Tensor, ignore_index: int
+    ) -> TOFUStats:
+        """From per-token ``(4, N)`` rows (p, g, entropy, correct), 0 at ignored tokens."""
+        n = (labels.reshape(-1) != ignore_index).sum()
+        sums = row_stats.to(torch.float32).sum(dim=1) / n.clamp(min=1).to(torch.float32)
+        p, g, entropy, acc = sums.unbind(0)
+        return cls(p, g, entropy, acc, n)
+
+    def as_dict(self) -> dict[str, float]:
+        """Python floats, for logging (this one synchronizes)."""
+        return {k: float(getattr(self, k)) for k in self.__dataclass_fields__}
