@@ -29,9 +29,11 @@ def kernel_specs():
                     "loss_ptr": "*fp32",
                     "stats_ptr": "*fp32",
                     "grad_ptr": logits_ty,
+                    "grad_scale_ptr": "*fp32",
                     "stride_logits": "i64",
                     "stride_grad": "i64",
                     "stride_stats": "i32",
+                    "stride_grad_scale": "i32",
                     "V": "i32",
                     "gamma": "fp32",
                     "beta": "fp32",
@@ -39,9 +41,15 @@ def kernel_specs():
                     "ignore_index": "i32",
                     "HAS_SOFTCAP": "constexpr",
                     "COMPUTE_GRAD": "constexpr",
+                    "HAS_GRAD_SCALE": "constexpr",
                     "BLOCK_V": "constexpr",
                 }
-                constexprs = {"HAS_SOFTCAP": softcap, "COMPUTE_GRAD": grad, "BLOCK_V": 4096}
+                constexprs = {
+                    "HAS_SOFTCAP": softcap,
+                    "COMPUTE_GRAD": grad,
+                    "HAS_GRAD_SCALE": grad,
+                    "BLOCK_V": 4096,
+                }
                 name = f"tofu_fwd[{logits_ty} softcap={softcap} grad={grad}]"
                 yield name, tofu._tofu_fwd_kernel, signature, constexprs
 

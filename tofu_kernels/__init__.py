@@ -1,8 +1,16 @@
 """Triton kernels for the TOFU (tempered focal) loss of arXiv 2605.00195."""
 
+from tofu_kernels.linear_tofu import FusedLinearTOFULoss, fused_linear_tofu_loss
 from tofu_kernels.tofu import TOFULoss, tofu_loss
 from tofu_kernels.utils import TOFUParams, TOFUStats
 
 __version__ = "0.1.0"
 
-__all__ = ["TOFULoss", "TOFUParams", "TOFUStats", "tofu_loss"]
+__all__ = [
+    "FusedLinearTOFULoss",
+    "TOFULoss",
+    "TOFUParams",
+    "TOFUStats",
+    "fused_linear_tofu_loss",
+    "tofu_loss",
+]

@@ -76,16 +76,19 @@ def tofu_row_terms(s1x, sbx, zy_m, gamma, beta):
 
 @triton.jit
 def _tofu_fwd_kernel(
-    # pointers: logits (N, V) read, labels (N,), per-row loss (N,) and stats (4, N), grad (N, V)
+    # pointers: logits (N, V) read, labels (N,), per-row loss (N,) and stats (4, N), grad (N, V),
+    # optional fp32 factor for the gradient rows (one per row, or one for all with stride 0)
     logits_ptr,
     labels_ptr,
     loss_ptr,
     stats_ptr,
     grad_ptr,
+    grad_scale_ptr,
     # strides in elements (rows of logits and grad may be padded; grad may alias logits)
     stride_logits,
     stride_grad,
     stride_stats,
+    stride_grad_scale,
     # vocabulary size
     V,
     # TOFU parameters: runtime fp32 scalars, so new values do not recompile
@@ -96,6 +99,7 @@ def _tofu_fwd_kernel(
     # meta
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -150,6 +154,8 @@ def _tofu_fwd_kernel(
     if COMPUTE_GRAD:
         # Pass 2: g * (softmax(z / beta) - onehot), the target column as -g * sbx / sb (exact).
         g = tl.where(row_ok, g, 0.0)
+        if HAS_GRAD_SCALE:
+            g = g * tl.load(grad_scale_ptr + row * stride_grad_scale)
         m = tl.where(row_ok, m, float("inf"))  # rows without a loss write exact zeros
         sb = sbx + tl.exp(zy_m * inv_beta)
         coef = g / sb
@@ -183,6 +189,7 @@ def tofu_fwd(
     softcap: float | None = None,
     compute_grad: bool = True,
     grad: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token TOFU on ``(N, V)`` logits (unit column stride) with the Triton kernel; no checks.
 
@@ -190,7 +197,8 @@ def tofu_fwd(
     label outside ``[0, V)``), fp32 ``(4, N)`` stats (p, g, entropy, target-is-argmax) and, when
     ``compute_grad``, the unreduced gradient ``g * (softmax(z / beta) - onehot(y))`` (softcap
     chain rule included) in ``grad``: a given ``(N, V)`` buffer, which may be ``logits`` itself
-    (in place), or a new one of the logits' dtype.
+    (in place), or a new one of the logits' dtype. ``grad_scale``, fp32 with 1 or N elements,
+    multiplies the gradient rows (the reduction's scale, or a per-token upstream gradient).
     """
     n, vocab = logits.shape
     if logits.stride(1) != 1:
@@ -210,9 +218,11 @@ def tofu_fwd(
         loss,
         stats,
         grad if grad is not None else loss,
+        grad_scale if grad_scale is not None else loss,
         logits.stride(0),
         grad.stride(0) if grad is not None else 0,
         stats.stride(0),
+        1 if grad_scale is not None and grad_scale.numel() > 1 else 0,
         vocab,
         float(gamma),
         float(beta),
@@ -220,6 +230,7 @@ def tofu_fwd(
         int(ignore_index),
         HAS_SOFTCAP=softcap is not None,
         COMPUTE_GRAD=grad is not None,
+        HAS_GRAD_SCALE=grad_scale is not None,
         BLOCK_V=block,
         num_warps=num_warps,
     )
@@ -235,6 +246,7 @@ def tofu_fwd_torch(
     softcap: float | None = None,
     compute_grad: bool = True,
     grad: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`tofu_fwd` in plain PyTorch, in row chunks of about ``TORCH_CHUNK_ELEMENTS`` logits.
 
@@ -256,6 +268,8 @@ def tofu_fwd_torch(
             chunk, labels[s:e], gamma, beta, ignore_index, softcap, compute_grad
         )
         if grad is not None:
+            if grad_scale is not None:
+                g = g * (grad_scale[s:e] if grad_scale.numel() > 1 else grad_scale).reshape(-1, 1)
             grad[s:e] = g
     return loss, stats, grad
 

@@ -1,0 +1,399 @@
+"""Fused LM-head TOFU loss: ``hidden @ weight.T (+ bias)`` and TOFU, chunk by chunk of tokens.
+
+The full ``(N, V)`` logits never exist: each chunk of tokens gets its logits in one reused buffer,
+the TOFU kernel turns them into per-token losses and, in place, into the logits' gradient, and two
+GEMMs fold that gradient into ``grad_hidden`` (this chunk's rows) and ``grad_weight`` (summed over
+chunks in fp32). Gradients are produced in forward; backward only scales them by ``grad_output``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tofu_kernels.tofu import tofu_fwd, tofu_fwd_torch
+from tofu_kernels.utils import (
+    KERNEL_DTYPES,
+    TORCH_DTYPES,
+    TOFUParams,
+    TOFUStats,
+    check_label_range,
+    check_labels,
+    check_num_items,
+    check_tensor,
+    grad_multiplier,
+    reduce_loss,
+    reduction_scale,
+    use_triton,
+)
+
+LINEAR_IMPLS = ("auto", "chunked", "torch")
+# Default chunk: its logits about the size of `hidden` (N * H elements), but at least this many
+# rows, so the grad_weight GEMM (K = chunk rows) is not starved on large vocabularies.
+MIN_CHUNK_ROWS = 256
+
+
+@dataclass(frozen=True)
+class LinearTOFUParams:
+    """Non-tensor options of the fused LM-head loss (the TOFU options plus chunking)."""
+
+    tofu: TOFUParams
+    chunk_size: int | None = None
+    accum_dtype: torch.dtype | None = torch.float32
+    drop_ignored: bool = False
+
+
+def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk so that the chunk's logits hold about as many elements as ``hidden``."""
+    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, math.ceil(n_rows * hidden / vocab))))
+
+
+_ADDMM_OUT_DTYPE = True  # torch.addmm(..., out_dtype=float32) on CUDA; off after one failure
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` possibly fp32 while ``a, b`` are half precision."""
+    global _ADDMM_OUT_DTYPE
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and _ADDMM_OUT_DTYPE:
+        try:  # no (V, H) half-precision temporary: cuBLAS writes fp32 directly
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _ADDMM_OUT_DTYPE = False
+    acc.add_(a @ b)
+
+
+def linear_tofu_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    params: LinearTOFUParams,
+    *,
+    grad_scale: torch.Tensor | None = None,
+    need_grad_hidden: bool = True,
+    need_grad_weight: bool = True,
+    need_grad_bias: bool = True,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None
+]:
+    """Chunked TOFU on ``hidden (N, H) @ weight (V, H).T + bias``; no input checks, no autograd.
+
+    Returns ``(loss_rows, stats, grad_hidden, grad_weight, grad_bias)``: per-token fp32 losses and
+    ``(4, N)`` stats as :func:`tofu_kernels.tofu.tofu_fwd`, and the gradients of
+    ``sum_t grad_scale[t] * loss[t]`` (``grad_scale`` fp32 with 1 or N elements; None means 1)
+    for the inputs asked for, in the inputs' dtypes (None for the others).
+    """
+    tofu = params.tofu
+    n, h = hidden.shape
+    vocab = weight.shape[0]
+    device, dtype = hidden.device, hidden.dtype
+    any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
+    rows_fwd = tofu_fwd if use_triton(tofu.impl, device, dtype) else tofu_fwd_torch
+
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # of losses and stats
+    loss = torch.zeros(n, dtype=out_dtype, device=device)
+    stats = torch.zeros(4, n, dtype=out_dtype, device=device)
+    rows = None
+    if params.drop_ignored and n:
+        # Only valid rows go through the GEMMs; finding them costs a host sync on a GPU.
+        rows = (labels != tofu.ignore_index).nonzero().squeeze(1)
+        hidden, labels = hidden[rows], labels[rows]
+        if grad_scale is not None and grad_scale.numel() > 1:
+            grad_scale = grad_scale[rows]
+    m = hidden.shape[0]
+
+    acc_dtype = torch.promote_types(params.accum_dtype or weight.dtype, weight.dtype)
+    g_hidden = torch.empty_like(hidden) if need_grad_hidden else None
+    g_weight = (
+        torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_grad_weight else None
+    )
+    g_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_grad_bias else None
+
+    chunk = params.chunk_size or default_chunk_size(m, h, vocab)
+    buffer = torch.empty((min(chunk, m), vocab), dtype=dtype, device=device)
+    loss_m = torch.empty(m, dtype=out_dtype, device=device)
+    stats_m = torch.empty(4, m, dtype=out_dtype, device=device)
+    for s in range(0, m, chunk):
+        e = min(m, s + chunk)
+        x = hidden[s:e]
+        z = buffer[: e - s]
+        if bias is None:
+            torch.mm(x, weight.t(), out=z)
+        else:
+            torch.addmm(bias, x, weight.t(), out=z)
+        scale = grad_scale if grad_scale is None or grad_scale.numel() == 1 else grad_scale[s:e]
+        loss_m[s:e], stats_m[:, s:e], g = rows_fwd(
+            z, labels[s:e], tofu.gamma, tofu.beta, tofu.ignore_index, tofu.softcap, any_grad,
+            z, scale,
+        )  # fmt: skip
+        if g_hidden is not None:
+            torch.mm(g, weight, out=g_hidden[s:e])
+        if g_weight is not None:
+            _accumulate(g_weight, g.t(), x)
+        if g_bias is not None:
+            g_bias.add_(g.sum(0, dtype=acc_dtype))
+
+    if rows is None:
+        loss, stats = loss_m, stats_m
+    else:
+        loss[rows] = loss_m
+        stats[:, rows] = stats_m
+        if g_hidden is not None:
+            g_hidden = torch.zeros((n, h), dtype=dtype, device=device).index_copy_(
+                0, rows, g_hidden
+            )
+    if g_weight is not None:
+        g_weight = g_weight.to(weight.dtype)
+    if g_bias is not None:
+        g_bias = g_bias.to(bias.dtype)
+    return loss, stats, g_hidden, g_weight, g_bias
+
+
+class LinearTOFUFunction(torch.autograd.Function):
+    """Mean/sum: gradients made in forward, scaled in backward. "none": recomputed in backward,
+    since a per-token ``grad_output`` must weigh each row before the sum into ``grad_weight``."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        num_items_in_batch: int | float | torch.Tensor | None,
+        params: LinearTOFUParams,
+        needs: tuple[bool, bool, bool],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tofu = params.tofu
+        x = hidden.reshape(-1, hidden.shape[-1])
+        y = labels.reshape(-1)
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        scale = reduction_scale(y, tofu, num_items_in_batch, compute_dtype)
+        deferred = tofu.reduction == "none" and any(needs)
+        loss_rows, row_stats, *grads = linear_tofu_fwd(
+            x, weight, y, bias, params,
+            grad_scale=None if scale is None else scale.reshape(1),
+            need_grad_hidden=needs[0] and not deferred,
+            need_grad_weight=needs[1] and not deferred,
+            need_grad_bias=needs[2] and not deferred,
+        )  # fmt: skip
+        ctx.params, ctx.needs, ctx.deferred = params, needs, deferred
+        ctx.compute_dtype = compute_dtype
+        ctx.hidden_shape = hidden.shape
+        ctx.consumed = False
+        if deferred:
+            ctx.save_for_backward(x, weight, bias, y)
+        else:
+            ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(row_stats)
+        return reduce_loss(loss_rows, labels.shape, tofu, scale), row_stats
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor | None):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fused_linear_tofu_loss does not support double backward (create_graph=True)"
+            )
+        if ctx.consumed:
+            raise RuntimeError(
+                "fused_linear_tofu_loss: backward ran twice through the same graph; its stored "
+                "gradients are scaled in place and freed. Recompute the loss for a second backward."
+            )
+        ctx.consumed = True
+        if ctx.deferred:
+            x, weight, bias, y = ctx.saved_tensors
+            _, _, *grads = linear_tofu_fwd(
+                x, weight, y, bias, ctx.params,
+                grad_scale=grad_loss.reshape(-1).to(ctx.compute_dtype),
+                need_grad_hidden=ctx.needs[0],
+                need_grad_weight=ctx.needs[1],
+                need_grad_bias=ctx.needs[2],
+            )  # fmt: skip
+        else:
+            grads = list(ctx.saved_tensors)
+            factor = grad_multiplier(grad_loss, None, ctx.compute_dtype)  # (1, 1)
+            for g in grads:
+                if g is not None:
+                    g.mul_(factor if g.ndim == 2 else factor.reshape(1))
+        g_hidden, g_weight, g_bias = grads
+        if g_hidden is not None:
+            g_hidden = g_hidden.view(ctx.hidden_shape)
+        return g_hidden, g_weight, g_bias, None, None, None, None
+
+
+def fused_linear_tofu_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    gamma: float = 3.0,
+    beta: float = 0.8,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    impl: str = "auto",
+    return_stats: bool = False,
+    accum_dtype: torch.dtype | None = torch.float32,
+    drop_ignored: bool | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, TOFUStats]:
+    r"""TOFU loss of an LM head, without materializing the ``(tokens, vocabulary)`` logits.
+
+    Equivalent PyTorch::
+
+        logits = hidden @ weight.T + bias          # (..., V), in hidden's dtype
+        loss = tofu_loss(logits, labels, gamma=gamma, beta=beta, ...)
+
+    (see :func:`tofu_kernels.tofu_loss` for the loss, reductions and options), computed chunk by
+    chunk of tokens: peak memory above the inputs and gradients is one chunk of logits.
+
+    Args:
+        hidden: ``(..., H)`` fp32/bf16/fp16 final hidden states (under ``torch.autocast``, cast to
+            the autocast dtype together with ``weight`` and ``bias``, as ``F.linear`` would be).
+        weight: ``(V, H)`` LM-head weight, same dtype as ``hidden``; a frozen weight (LoRA) skips
+            the ``grad_weight`` GEMMs and accumulator entirely.
+        labels: ``(...)`` class ids in ``[0, V)`` or ``ignore_index`` (no shift is applied).
+        bias: optional ``(V,)``.
+        chunk_size: tokens per chunk; default: the chunk's logits about the size of ``hidden``
+            (at least ``MIN_CHUNK_ROWS`` rows). Smaller chunks save memory, but the
+            ``grad_weight`` GEMM (inner dimension = chunk) becomes memory-bound.
+        impl: ``"chunked"`` (cuBLAS GEMMs + the Triton TOFU kernel), ``"torch"`` (same algorithm,
+            TOFU in PyTorch) or ``"auto"``: chunked for GPU tensors and under
+            ``TRITON_INTERPRET=1``, torch for CPU tensors.
+        accum_dtype: dtype of the ``grad_weight``/``grad_bias`` accumulator across chunks; None
+            accumulates in the weight's dtype (less memory, one rounding per chunk).
+        drop_ignored: run only valid tokens through the GEMMs. Default: on for CPU tensors; on a
+            GPU it needs one host-device sync (the number of valid tokens), so it is opt-in there.
+        return_stats: also return :class:`TOFUStats`.
+
+    Returns:
+        As :func:`tofu_kernels.tofu_loss`. With ``reduction="none"`` the gradients are recomputed
+        in backward (the per-token ``grad_output`` must weigh rows before they are summed).
+
+    Example::
+
+        >>> hidden = torch.randn(2, 64, 256, requires_grad=True)
+        >>> lm_head = torch.nn.Linear(256, 32000, bias=False)
+        >>> labels = torch.randint(0, 32000, (2, 64))
+        >>> loss = fused_linear_tofu_loss(hidden, lm_head.weight, labels)
+        >>> loss.backward()
+    """
+    if impl not in LINEAR_IMPLS:
+        raise ValueError(f"impl must be one of {LINEAR_IMPLS}, got {impl!r}")
+    # the TOFU kernel's impl: "chunked" runs the Triton kernel on every device
+    rows_impl = "torch" if impl == "torch" else ("triton" if impl == "chunked" else "auto")
+    tofu = TOFUParams(gamma, beta, ignore_index, reduction, softcap, rows_impl)  # validates
+    check_tensor("hidden", hidden, TORCH_DTYPES)
+    check_tensor("weight", weight, TORCH_DTYPES)
+    if weight.ndim != 2 or weight.shape[0] == 0:
+        raise ValueError(f"weight must be (V, H) with V >= 1, got {tuple(weight.shape)}")
+    if hidden.ndim == 0 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must be (..., H) with H = weight.shape[1] = {weight.shape[1]}, "
+            f"got {tuple(hidden.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device}, expected {hidden.device} (hidden's)")
+    if bias is not None:
+        check_tensor("bias", bias, TORCH_DTYPES)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check_labels(labels, hidden.shape[:-1], hidden.device)
+    check_num_items(num_items_in_batch)
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}; cast them to one "
+                "dtype or run under torch.autocast"
+            )
+    if impl == "chunked" and hidden.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"impl='chunked' takes {KERNEL_DTYPES} inputs, got {hidden.dtype}")
+    check_label_range(labels, weight.shape[0], ignore_index)
+
+    if drop_ignored is None:
+        drop_ignored = hidden.device.type == "cpu"
+    params = LinearTOFUParams(tofu, chunk_size, accum_dtype, drop_ignored)
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    with torch.autocast(device_type, enabled=False):
+        loss, row_stats = LinearTOFUFunction.apply(
+            hidden, weight, bias, labels, num_items_in_batch, params, needs
+        )
+    if return_stats:
+        return loss, TOFUStats.from_rows(row_stats, labels, ignore_index)
+    return loss
+
+
+class FusedLinearTOFULoss(torch.nn.Module):
+    """Module form of :func:`fused_linear_tofu_loss`; ``forward(hidden, weight, labels, bias)``."""
+
+    def __init__(
+        self,
+        gamma: float = 3.0,
+        beta: float = 0.8,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+        impl: str = "auto",
+        return_stats: bool = False,
+        accum_dtype: torch.dtype | None = torch.float32,
+    ) -> None:
+        super().__init__()
+        TOFUParams(gamma, beta, ignore_index, reduction, softcap)  # fail at construction
+        if impl not in LINEAR_IMPLS:
+            raise ValueError(f"impl must be one of {LINEAR_IMPLS}, got {impl!r}")
+        self.gamma, self.beta, self.ignore_index = gamma, beta, ignore_index
+        self.reduction, self.softcap, self.chunk_size = reduction, softcap, chunk_size
+        self.impl, self.return_stats, self.accum_dtype = impl, return_stats, accum_dtype
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, TOFUStats]:
+        return fused_linear_tofu_loss(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            gamma=self.gamma,
+            beta=self.beta,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch,
+            softcap=self.softcap,
+            chunk_size=self.chunk_size,
+            impl=self.impl,
+            return_stats=self.return_stats,
+            accum_dtype=self.accum_dtype,
+        )
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, beta={self.beta}, reduction={self.reduction!r}"
