@@ -68,3 +68,52 @@ def assert_close(actual, expected, rtol, what=""):
     torch.testing.assert_close(
         actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=lambda m: f"{what}: {m}"
     )
+
+
+def linear_oracle(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    gamma,
+    beta,
+    ignore_index=-100,
+    reduction="mean",
+    num_items_in_batch=None,
+    softcap=None,
+    grad_output=None,
+    rows_per_slice=1024,
+):
+    """float64 loss and gradients (hidden, weight, bias) of TOFU on ``hidden @ weight.T + bias``.
+
+    Slices of rows keep float64 memory bounded at production shapes (the GPU tests).
+    """
+    h = hidden.shape[-1]
+    x = hidden.detach().reshape(-1, h).double()
+    w = weight.detach().double()
+    b = bias.detach().double() if bias is not None else None
+    y = labels.reshape(-1)
+    n_valid = (y != ignore_index).sum()
+    if grad_output is None:  # d(loss)/d(loss) = 1
+        grad_output = torch.ones(labels.shape if reduction == "none" else (), device=x.device)
+    if reduction == "none":
+        factor = grad_output.reshape(-1).double()
+    else:
+        factor = grad_output.double().expand(x.shape[0])
+        if reduction == "mean":
+            denom = num_items_in_batch if num_items_in_batch is not None else n_valid
+            factor = factor / max(float(denom), 1.0)
+    rows, gx = [], torch.zeros_like(x)
+    gw, gb = torch.zeros_like(w), torch.zeros(w.shape[0], dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[0], rows_per_slice):
+        xs = x[s : s + rows_per_slice]
+        z = xs @ w.T if b is None else xs @ w.T + b
+        r, _, g = tofu_rows(z, y[s : s + rows_per_slice], gamma, beta, ignore_index, softcap, True)
+        g = g * factor[s : s + rows_per_slice, None]
+        rows.append(r)
+        gx[s : s + rows_per_slice] = g @ w
+        gw += g.T @ xs
+        gb += g.sum(0)
+    loss = reduce_rows(torch.cat(rows), labels, ignore_index, reduction, num_items_in_batch)
+    return loss, gx.reshape(hidden.shape), gw, gb

@@ -1,0 +1,358 @@
+"""fused_linear_tofu_loss (chunked LM head + TOFU kernel) against the float64 oracle.
+
+Shapes are small and odd on purpose: H and V not multiples of anything, chunk sizes that leave a
+short last chunk, a handful of tokens (the TOFU kernel runs interpreted, one program per row).
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import linear_oracle, random_labels
+from tofu_kernels import FusedLinearTOFULoss, fused_linear_tofu_loss, tofu_loss
+from tofu_kernels import linear_tofu as linear_mod
+
+# The chunk's logits are rounded to the inputs' dtype, as the model's own LM head would round
+# them; per-token losses therefore carry that rounding (bf16: 8 bits), means much less of it.
+LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 1e-3}
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def rel_err(actual, expected) -> float:
+    """Largest elementwise error relative to the largest expected magnitude."""
+    expected = expected.double()
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
+
+
+def make_inputs(shape, hidden, vocab, dtype, device, *, bias=False, ignored=0.3):
+    # weight scaled so logits have a spread of a few units, as in a trained head
+    x = torch.randn(*shape, hidden, device=device).to(dtype)
+    w = (torch.randn(vocab, hidden, device=device) * 3 / hidden**0.5).to(dtype)
+    b = torch.randn(vocab, device=device).to(dtype) if bias else None  # a bias of order 1
+    y = random_labels(shape, vocab, device, ignored)
+    return x, w, b, y
+
+
+def run_and_compare(x, w, b, y, *, dtype=None, grad_output=True, **kwargs):
+    """Forward + backward (random upstream gradient) against the oracle; returns the loss."""
+    dtype = dtype or x.dtype
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    loss = fused_linear_tofu_loss(x, w, y, bias=b, **kwargs)
+    go = torch.randn_like(loss) if grad_output else torch.ones_like(loss)
+    if leaves:
+        loss.backward(go)
+    skip = ("chunk_size", "impl", "accum_dtype", "drop_ignored")
+    oracle_kwargs = {k: v for k, v in kwargs.items() if k not in skip}
+    oracle_kwargs.setdefault("gamma", 3.0)
+    oracle_kwargs.setdefault("beta", 0.8)
+    ref_loss, gx, gw, gb = linear_oracle(x, w, y, bias=b, grad_output=go, **oracle_kwargs)
+    assert loss.shape == ref_loss.shape and torch.isfinite(loss).all()
+    assert rel_err(loss, ref_loss) < LOSS_RTOL[dtype], rel_err(loss, ref_loss)
+    for t, ref, name in ((x, gx, "hidden"), (w, gw, "weight"), (b, gb, "bias")):
+        if t is None or not t.requires_grad:
+            continue
+        assert t.grad.dtype == t.dtype and t.grad.shape == t.shape, name
+        err = rel_err(t.grad, ref)
+        assert err < GRAD_RTOL[dtype], f"grad_{name}: {err}"
+    return loss
+
+
+# Every dtype with every reduction (the chunk buffer, in-place gradient and GEMMs are what dtype
+# changes; "none" takes the recompute-in-backward path); ignored fraction and bias cycle through
+# the cases. Options that interact less are tested one at a time below, in fp32 and bf16.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_oracle_dtype_reduction(device, dtype, reduction):
+    i = DTYPES.index(dtype) + ["mean", "sum", "none"].index(reduction)
+    x, w, b, y = make_inputs(
+        (23,), 37, 301, dtype, device, bias=i % 2 == 0, ignored=[0, 0.3][i % 2]
+    )
+    for t in (x, w, b):
+        if t is not None:
+            t.requires_grad_(True)
+    run_and_compare(x, w, b, y, reduction=reduction, chunk_size=8, impl="chunked")
+
+
+@pytest.mark.parametrize("ignored", [0.0, 0.5, 1.0])
+def test_oracle_ignored_rows(device, ignored):
+    x, w, _, y = make_inputs((2, 9), 37, 301, torch.float32, device, ignored=ignored)
+    x.requires_grad_(True), w.requires_grad_(True)
+    loss = run_and_compare(x, w, None, y, chunk_size=5, impl="chunked")
+    if ignored == 1.0:
+        assert loss.item() == 0 and (x.grad == 0).all() and (w.grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_oracle_softcap_gamma_beta(device, dtype):
+    x, w, b, y = make_inputs((17,), 37, 301, dtype, device, bias=True)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    run_and_compare(x, w, b, y, softcap=5.0, gamma=0.5, beta=1.5, chunk_size=6, impl="chunked")
+
+
+def test_oracle_num_items_in_batch_3d_noncontiguous(device):
+    x, w, _, y = make_inputs((3, 7), 37, 301, torch.float32, device)
+    wide = torch.randn(7, 3, 40, device=device)
+    x = wide.transpose(0, 1)[..., :37].requires_grad_(True)  # 3-D, non-contiguous leaf
+    assert not x.is_contiguous()
+    w.requires_grad_(True)
+    run_and_compare(x, w, None, y, num_items_in_batch=40, chunk_size=4, impl="chunked")
+    x.grad = w.grad = None
+    run_and_compare(x, w, None, y, num_items_in_batch=torch.tensor(9), impl="chunked")
+
+
+def test_frozen_weight_and_hidden_without_grad(device, monkeypatch):
+    """LoRA: no grad_weight work at all; hidden without grad: no grad_hidden GEMM."""
+    calls = []
+    real = linear_mod.linear_tofu_fwd
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["need_grad_hidden"], kwargs["need_grad_weight"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(linear_mod, "linear_tofu_fwd", spy)
+    x, w, _, y = make_inputs((11,), 37, 301, torch.bfloat16, device)
+    x.requires_grad_(True)
+    run_and_compare(x, w, None, y, chunk_size=4, impl="chunked")
+    assert w.grad is None
+    x.requires_grad_(False)
+    w.requires_grad_(True)
+    run_and_compare(x, w, None, y, chunk_size=4, impl="chunked")
+    with torch.no_grad():
+        fused_linear_tofu_loss(x, w, y, impl="chunked")
+    assert calls == [(True, False), (False, True), (False, False)]
+
+
+def test_weight_tied_to_embedding(device):
+    """A tied weight gets both gradients, the embedding's and the head's, summed by autograd."""
+    emb = torch.nn.Embedding(301, 37).to(device)
+    tokens = torch.randint(0, 301, (13,), device=device)
+    labels = random_labels((13,), 301, device, 0.2)
+    x = torch.tanh(emb(tokens))
+    loss = fused_linear_tofu_loss(x, emb.weight, labels, chunk_size=5, impl="chunked")
+    loss.backward()
+    ours = emb.weight.grad.clone()
+    emb.weight.grad = None
+    ref = tofu_loss(torch.tanh(emb(tokens)) @ emb.weight.T, labels, impl="torch")
+    ref.backward()
+    assert rel_err(ours, emb.weight.grad) < 1e-5
+
+
+def test_autocast_fp32_master_weights(device):
+    """Under autocast the GEMMs run in bf16 and gradients reach the fp32 parameters in fp32."""
+    head = torch.nn.Linear(37, 301, bias=True).to(device)
+    x = torch.randn(15, 37, device=device, requires_grad=True)
+    y = random_labels((15,), 301, device, 0.2)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        loss = fused_linear_tofu_loss(x, head.weight, y, bias=head.bias, impl="chunked")
+    loss.backward()
+    assert loss.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+    xb, wb, bb = (t.detach().to(torch.bfloat16) for t in (x, head.weight, head.bias))
+    ref_loss, gx, gw, gb = linear_oracle(xb, wb, y, bias=bb, gamma=3.0, beta=0.8)
+    assert rel_err(loss, ref_loss) < LOSS_RTOL[torch.bfloat16]
+    for grad, ref in ((x.grad, gx), (head.weight.grad, gw), (head.bias.grad, gb)):
+        assert rel_err(grad, ref) < GRAD_RTOL[torch.bfloat16]
+
+
+def test_stats_match_materialized_logits(device):
+    x, w, _, y = make_inputs((19,), 37, 301, torch.float32, device)
+    loss, stats = fused_linear_tofu_loss(x, w, y, chunk_size=4, impl="chunked", return_stats=True)
+    _, ref = tofu_loss(x @ w.T, y, impl="torch", return_stats=True)
+    for name, value in ref.as_dict().items():
+        assert abs(getattr(stats, name).item() - value) <= 1e-5 * max(1.0, abs(value)), name
+
+
+@pytest.mark.parametrize("impl", ["chunked", "torch"])
+def test_impls_and_drop_ignored_agree(device, impl):
+    x, w, b, y = make_inputs((21,), 37, 301, torch.float32, device, bias=True, ignored=0.5)
+    results = []
+    for drop in (False, True):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+        loss = fused_linear_tofu_loss(
+            leaves[0], leaves[1], y, bias=leaves[2], impl=impl, chunk_size=4, drop_ignored=drop
+        )
+        loss.backward()
+        results.append([loss] + [t.grad for t in leaves])
+    for a, b_ in zip(*results, strict=True):
+        assert rel_err(a, b_) < 1e-5
+
+
+@pytest.mark.parametrize("accum_dtype", [None, torch.float32])
+def test_weight_grad_accumulator_dtypes(device, accum_dtype):
+    x, w, _, y = make_inputs((40,), 37, 301, torch.bfloat16, device)
+    w.requires_grad_(True)
+    run_and_compare(x, w, None, y, chunk_size=4, impl="chunked", accum_dtype=accum_dtype)
+
+
+def test_cross_entropy_matches_liger_and_torch(device):
+    """gamma=0, beta=1 is cross-entropy: equal to Liger's fused linear CE (and torch's, if any)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    x, w, _, y = make_inputs((24,), 37, 301, torch.float32, device, ignored=0.25)
+    grads = {}
+    for name in ("ours", "liger", "torch_native"):
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        if name == "ours":
+            loss = fused_linear_tofu_loss(xs, ws, y, gamma=0.0, beta=1.0, impl="chunked")
+        elif name == "liger":
+            loss = LigerFusedLinearCrossEntropyLoss()(ws, xs, y)
+        elif hasattr(F, "linear_cross_entropy"):
+            loss = F.linear_cross_entropy(xs, ws, y)
+        else:
+            continue
+        loss.backward()
+        grads[name] = (loss.detach(), xs.grad, ws.grad)
+    ref = F.cross_entropy(x.double() @ w.double().T, y)
+    for name, (loss, gx, gw) in grads.items():
+        assert abs(loss.item() - ref.item()) < 1e-5 * ref.item(), name
+        assert rel_err(gx, grads["ours"][1]) < 1e-5 and rel_err(gw, grads["ours"][2]) < 1e-5, name
+
+
+def test_module_matches_function(device):
+    x, w, b, y = make_inputs((9,), 37, 301, torch.float32, device, bias=True)
+    module = FusedLinearTOFULoss(gamma=1.0, beta=1.5, reduction="sum", impl="chunked")
+    assert "beta=1.5" in repr(module)
+    expected = fused_linear_tofu_loss(
+        x, w, y, bias=b, gamma=1.0, beta=1.5, reduction="sum", impl="chunked"
+    )
+    assert torch.equal(module(x, w, y, b), expected)
+
+
+def test_backward_twice_and_double_backward_raise(device):
+    x, w, _, y = make_inputs((9,), 37, 301, torch.float32, device)
+    x.requires_grad_(True)
+    loss = fused_linear_tofu_loss(x, w, y, impl="chunked")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+    loss = fused_linear_tofu_loss(x, w, y, impl="chunked")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_no_tensors_leak_across_iterations(device):
+    """20 training iterations leave no tensor alive: nothing keeps gradients in a cycle."""
+    x, w, b, y = make_inputs((9,), 37, 301, torch.float32, device, bias=True)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+
+    def step():
+        loss, _ = fused_linear_tofu_loss(x, w, y, bias=b, impl="chunked", return_stats=True)
+        loss.backward()
+        for t in (x, w, b):
+            t.grad = None
+
+    def live_tensors():
+        with warnings.catch_warnings():  # some torch objects warn when inspected
+            warnings.simplefilter("ignore")
+            return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+    step()
+    gc.collect()
+    gc.disable()  # a leak through a reference cycle would survive plain refcounting
+    try:
+        before = live_tensors()
+        for _ in range(20):
+            step()
+        after = live_tensors()
+    finally:
+        gc.enable()
+    assert after <= before
+
+
+BAD_INPUTS = [
+    (dict(weight=torch.zeros(0, 8)), ValueError, "weight"),
+    (dict(weight=torch.zeros(5, 9)), ValueError, "hidden"),
+    (dict(bias=torch.zeros(4)), ValueError, "bias"),
+    (dict(weight=torch.zeros(5, 8, dtype=torch.bfloat16)), TypeError, "weight"),
+    (dict(labels=torch.zeros(3, dtype=torch.long)), ValueError, "labels"),
+    (dict(labels=torch.full((4,), 5)), ValueError, "labels"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(impl="fast"), ValueError, "impl"),
+    (dict(gamma=-1.0), ValueError, "gamma"),
+    (dict(beta=float("nan")), ValueError, "beta"),
+    (dict(weight=torch.zeros(5, 8, device="meta")), ValueError, "weight"),
+]
+
+
+@pytest.mark.parametrize("change,error,pattern", BAD_INPUTS)
+def test_bad_input_raises(change, error, pattern):
+    args = dict(hidden=torch.randn(4, 8), weight=torch.randn(5, 8), labels=torch.arange(4))
+    args.update(change)
+    with pytest.raises(error, match=pattern):
+        fused_linear_tofu_loss(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    from tofu_kernels import fused_linear_tofu_loss
+    from tofu_kernels.reference import tofu_loss_published
+
+    def rss_mb():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    mode = sys.argv[1]
+    torch.manual_seed(0)
+    n, h, v = 4096, 256, 65536
+    x = torch.randn(n, h, requires_grad=mode != "nograd")
+    w = (torch.randn(v, h) / 16).requires_grad_(mode != "nograd")
+    y = torch.randint(0, v, (n,))
+    # grads of the size of the inputs are part of the baseline, not of the loss's footprint
+    gx, gw = torch.ones_like(x), torch.ones_like(w)
+    del gx, gw
+    base = rss_mb()
+    if mode == "reference":
+        loss = tofu_loss_published(x @ w.T, y)
+    else:
+        with torch.set_grad_enabled(mode != "nograd"):
+            loss = fused_linear_tofu_loss(x, w, y)
+    if mode != "nograd":
+        loss.backward()
+    print(json.dumps({"peak_mb": rss_mb() - base, "loss": float(loss)}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_memory_fused_vs_materialized():
+    """Peak RSS above baseline at N=4096, H=256, V=65536 fp32 (the logits alone are 1 GiB)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # torch path on CPU
+
+    def measure(mode):
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_SCRIPT, mode], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    ref, fused, nograd = measure("reference"), measure("fused"), measure("nograd")
+    assert abs(ref["loss"] - fused["loss"]) < 1e-4 * ref["loss"]
+    chunk_mb = linear_mod.default_chunk_size(4096, 256, 65536) * 65536 * 4 / 2**20
+    print(f"peak MB: reference {ref['peak_mb']:.0f}, fused {fused['peak_mb']:.0f}, "
+          f"no_grad {nograd['peak_mb']:.0f}, one chunk {chunk_mb:.0f}")  # fmt: skip
+    assert ref["peak_mb"] > 3000  # the materialized path really is materialized
+    assert fused["peak_mb"] <= 0.25 * ref["peak_mb"]
+    assert nograd["peak_mb"] <= 4 * chunk_mb  # about one chunk (with its fp32 temporaries)
+
+
+def test_default_chunk_size():
+    # chunk logits about the size of hidden, at least MIN_CHUNK_ROWS rows, at most all rows
+    assert linear_mod.default_chunk_size(8192, 4096, 128256) == 262
+    assert linear_mod.default_chunk_size(4096, 256, 65536) == linear_mod.MIN_CHUNK_ROWS
+    assert linear_mod.default_chunk_size(10, 4096, 128256) == 10
+    for n, h, v in itertools.product([1, 300, 5000], [64, 4096], [100, 128256]):
+        assert 1 <= linear_mod.default_chunk_size(n, h, v) <= n
