@@ -7,7 +7,9 @@ misuse, unsupported ops); this catches it. Run without TRITON_INTERPRET:
 
 from __future__ import annotations
 
+import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -16,6 +18,8 @@ from triton.compiler import ASTSource
 from tofu_kernels import tofu
 
 TARGETS = (GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32))
+# Shared memory a block may use (A100: 163 KiB, H100: 227 KiB); a launch beyond it fails.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
 def kernel_specs():
@@ -54,18 +58,69 @@ def kernel_specs():
                 yield name, tofu._tofu_fwd_kernel, signature, constexprs
 
 
+def fused_kernel_specs():
+    """The fully fused LM-head kernels, in each dtype with and without bias/softcap/gradients."""
+    from tofu_kernels import fused_tofu
+
+    cfg = {k: v for k, v in fused_tofu.FWD_CONFIG.items() if k.startswith("BLOCK")}
+    # every dtype with every feature on; the lighter variants in bf16 only (compiles are slow)
+    for ty, extras in (("*fp32", True), ("*bf16", True), ("*fp16", True), ("*bf16", False)):
+        flags = {"HAS_BIAS": extras, "HAS_SOFTCAP": extras, "UPCAST": False}
+        flags["IEEE"] = ty == "*fp32"
+        signature = {
+            "x_ptr": ty, "w_ptr": ty, "b_ptr": ty, "labels_ptr": "*i64", "part_ptr": "*fp32",
+            "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i64", "stride_wv": "i64",
+            "tiles_per_split": "i32", "beta": "fp32", "softcap": "fp32", "ignore_index": "i32",
+        }  # fmt: skip
+        signature.update({k: "constexpr" for k in (*flags, *cfg)})
+        name = f"fused_fwd[{ty} bias/softcap={extras}]"
+        yield name, fused_tofu._fused_fwd_kernel, signature, {**flags, **cfg}
+        variants = ((True, True, True), (True, False, False), (False, True, False))
+        for grads in variants if ty == "*bf16" and extras else variants[:1]:
+            signature = {
+                "x_ptr": ty, "w_ptr": ty, "b_ptr": ty, "labels_ptr": "*i64",
+                "rowterm_ptr": "*fp32", "scale_ptr": "*fp32", "wmax_ptr": "*fp32",
+                "gx_ptr": "*fp32", "gw_ptr": "*fp32", "gb_ptr": "*fp32",
+                "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i64", "stride_wv": "i64",
+                "stride_scale": "i32", "beta": "fp32", "softcap": "fp32",
+                "ignore_index": "i32", "filter_eps": "fp32",
+            }  # fmt: skip
+            gflags = dict(zip(("GRAD_X", "GRAD_W", "GRAD_B"), grads, strict=True))
+            signature.update({k: "constexpr" for k in (*flags, *gflags, *cfg)})
+            name = f"fused_bwd[{ty} bias/softcap={extras} grads={grads}]"
+            yield name, fused_tofu._fused_bwd_kernel, signature, {**flags, **gflags, **cfg}
+    signature = {
+        "part_ptr": "*fp32", "labels_ptr": "*i64", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
+        "rowterm_ptr": "*fp32", "N": "i32", "V": "i32", "n_splits": "i32", "gamma": "fp32",
+        "beta": "fp32", "ignore_index": "i32", "BLOCK_N": "constexpr",
+    }  # fmt: skip
+    yield "fused_merge", fused_tofu._fused_merge_kernel, signature, {"BLOCK_N": 128}
+
+
+def all_specs():
+    return [*kernel_specs(), *fused_kernel_specs()]
+
+
+def compile_one(job: tuple[int, int]) -> str | None:
+    """Compile spec number ``job[0]`` for target number ``job[1]``; the error text or None."""
+    name, fn, signature, constexprs = all_specs()[job[0]]
+    target = TARGETS[job[1]]
+    try:
+        kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target)
+    except Exception as exc:  # report every failure, then fail
+        return f"FAIL {name} sm_{target.arch}: {type(exc).__name__}: {exc}"
+    if kernel.metadata.shared > SHARED_LIMIT[target.arch]:
+        return f"FAIL {name} sm_{target.arch}: {kernel.metadata.shared} B of shared memory"
+    return None
+
+
 def main() -> int:
-    failures = 0
-    count = 0
-    for name, fn, signature, constexprs in kernel_specs():
-        for target in TARGETS:
-            count += 1
-            try:
-                triton.compile(ASTSource(fn, signature, constexprs), target=target)
-            except Exception as exc:  # report every failure, then fail
-                failures += 1
-                print(f"FAIL {name} sm_{target.arch}: {type(exc).__name__}: {exc}")
-    print(f"compiled {count - failures}/{count} kernel variants")
+    jobs = [(i, t) for i in range(len(all_specs())) for t in range(len(TARGETS))]
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        failures = [f for f in pool.map(compile_one, jobs) if f is not None]
+    for failure in failures:
+        print(failure)
+    print(f"compiled {len(jobs) - len(failures)}/{len(jobs)} kernel variants")
     return 1 if failures else 0
 
 

@@ -28,6 +28,8 @@ from tofu_kernels import linear_tofu as linear_mod
 LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 1e-3}
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The two kernel impls share the oracle tests; each also has tests of its own mechanics.
+KERNEL_IMPLS = ["chunked", "fused"]
 
 
 def rel_err(actual, expected) -> float:
@@ -74,7 +76,8 @@ def run_and_compare(x, w, b, y, *, dtype=None, grad_output=True, **kwargs):
 # the cases. Options that interact less are tested one at a time below, in fp32 and bf16.
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_oracle_dtype_reduction(device, dtype, reduction):
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_oracle_dtype_reduction(device, dtype, reduction, impl):
     i = DTYPES.index(dtype) + ["mean", "sum", "none"].index(reduction)
     x, w, b, y = make_inputs(
         (23,), 37, 301, dtype, device, bias=i % 2 == 0, ignored=[0, 0.3][i % 2]
@@ -82,35 +85,38 @@ def test_oracle_dtype_reduction(device, dtype, reduction):
     for t in (x, w, b):
         if t is not None:
             t.requires_grad_(True)
-    run_and_compare(x, w, b, y, reduction=reduction, chunk_size=8, impl="chunked")
+    run_and_compare(x, w, b, y, reduction=reduction, chunk_size=8, impl=impl)
 
 
 @pytest.mark.parametrize("ignored", [0.0, 0.5, 1.0])
-def test_oracle_ignored_rows(device, ignored):
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_oracle_ignored_rows(device, ignored, impl):
     x, w, _, y = make_inputs((2, 9), 37, 301, torch.float32, device, ignored=ignored)
     x.requires_grad_(True), w.requires_grad_(True)
-    loss = run_and_compare(x, w, None, y, chunk_size=5, impl="chunked")
+    loss = run_and_compare(x, w, None, y, chunk_size=5, impl=impl)
     if ignored == 1.0:
         assert loss.item() == 0 and (x.grad == 0).all() and (w.grad == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_oracle_softcap_gamma_beta(device, dtype):
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_oracle_softcap_gamma_beta(device, dtype, impl):
     x, w, b, y = make_inputs((17,), 37, 301, dtype, device, bias=True)
     for t in (x, w, b):
         t.requires_grad_(True)
-    run_and_compare(x, w, b, y, softcap=5.0, gamma=0.5, beta=1.5, chunk_size=6, impl="chunked")
+    run_and_compare(x, w, b, y, softcap=5.0, gamma=0.5, beta=1.5, chunk_size=6, impl=impl)
 
 
-def test_oracle_num_items_in_batch_3d_noncontiguous(device):
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_oracle_num_items_in_batch_3d_noncontiguous(device, impl):
     x, w, _, y = make_inputs((3, 7), 37, 301, torch.float32, device)
     wide = torch.randn(7, 3, 40, device=device)
     x = wide.transpose(0, 1)[..., :37].requires_grad_(True)  # 3-D, non-contiguous leaf
     assert not x.is_contiguous()
     w.requires_grad_(True)
-    run_and_compare(x, w, None, y, num_items_in_batch=40, chunk_size=4, impl="chunked")
+    run_and_compare(x, w, None, y, num_items_in_batch=40, chunk_size=4, impl=impl)
     x.grad = w.grad = None
-    run_and_compare(x, w, None, y, num_items_in_batch=torch.tensor(9), impl="chunked")
+    run_and_compare(x, w, None, y, num_items_in_batch=torch.tensor(9), impl=impl)
 
 
 def test_frozen_weight_and_hidden_without_grad(device, monkeypatch):
@@ -135,13 +141,14 @@ def test_frozen_weight_and_hidden_without_grad(device, monkeypatch):
     assert calls == [(True, False), (False, True), (False, False)]
 
 
-def test_weight_tied_to_embedding(device):
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_weight_tied_to_embedding(device, impl):
     """A tied weight gets both gradients, the embedding's and the head's, summed by autograd."""
     emb = torch.nn.Embedding(301, 37).to(device)
     tokens = torch.randint(0, 301, (13,), device=device)
     labels = random_labels((13,), 301, device, 0.2)
     x = torch.tanh(emb(tokens))
-    loss = fused_linear_tofu_loss(x, emb.weight, labels, chunk_size=5, impl="chunked")
+    loss = fused_linear_tofu_loss(x, emb.weight, labels, chunk_size=5, impl=impl)
     loss.backward()
     ours = emb.weight.grad.clone()
     emb.weight.grad = None
@@ -150,13 +157,14 @@ def test_weight_tied_to_embedding(device):
     assert rel_err(ours, emb.weight.grad) < 1e-5
 
 
-def test_autocast_fp32_master_weights(device):
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_autocast_fp32_master_weights(device, impl):
     """Under autocast the GEMMs run in bf16 and gradients reach the fp32 parameters in fp32."""
     head = torch.nn.Linear(37, 301, bias=True).to(device)
     x = torch.randn(15, 37, device=device, requires_grad=True)
     y = random_labels((15,), 301, device, 0.2)
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
-        loss = fused_linear_tofu_loss(x, head.weight, y, bias=head.bias, impl="chunked")
+        loss = fused_linear_tofu_loss(x, head.weight, y, bias=head.bias, impl=impl)
     loss.backward()
     assert loss.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
     xb, wb, bb = (t.detach().to(torch.bfloat16) for t in (x, head.weight, head.bias))
@@ -166,9 +174,10 @@ def test_autocast_fp32_master_weights(device):
         assert rel_err(grad, ref) < GRAD_RTOL[torch.bfloat16]
 
 
-def test_stats_match_materialized_logits(device):
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_stats_match_materialized_logits(device, impl):
     x, w, _, y = make_inputs((19,), 37, 301, torch.float32, device)
-    loss, stats = fused_linear_tofu_loss(x, w, y, chunk_size=4, impl="chunked", return_stats=True)
+    loss, stats = fused_linear_tofu_loss(x, w, y, chunk_size=4, impl=impl, return_stats=True)
     _, ref = tofu_loss(x @ w.T, y, impl="torch", return_stats=True)
     for name, value in ref.as_dict().items():
         assert abs(getattr(stats, name).item() - value) <= 1e-5 * max(1.0, abs(value)), name
@@ -196,7 +205,8 @@ def test_weight_grad_accumulator_dtypes(device, accum_dtype):
     run_and_compare(x, w, None, y, chunk_size=4, impl="chunked", accum_dtype=accum_dtype)
 
 
-def test_cross_entropy_matches_liger_and_torch(device):
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_cross_entropy_matches_liger_and_torch(device, impl):
     """gamma=0, beta=1 is cross-entropy: equal to Liger's fused linear CE (and torch's, if any)."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -205,7 +215,7 @@ def test_cross_entropy_matches_liger_and_torch(device):
     for name in ("ours", "liger", "torch_native"):
         xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
         if name == "ours":
-            loss = fused_linear_tofu_loss(xs, ws, y, gamma=0.0, beta=1.0, impl="chunked")
+            loss = fused_linear_tofu_loss(xs, ws, y, gamma=0.0, beta=1.0, impl=impl)
         elif name == "liger":
             loss = LigerFusedLinearCrossEntropyLoss()(ws, xs, y)
         elif hasattr(F, "linear_cross_entropy"):
@@ -220,12 +230,13 @@ def test_cross_entropy_matches_liger_and_torch(device):
         assert rel_err(gx, grads["ours"][1]) < 1e-5 and rel_err(gw, grads["ours"][2]) < 1e-5, name
 
 
-def test_module_matches_function(device):
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_module_matches_function(device, impl):
     x, w, b, y = make_inputs((9,), 37, 301, torch.float32, device, bias=True)
-    module = FusedLinearTOFULoss(gamma=1.0, beta=1.5, reduction="sum", impl="chunked")
+    module = FusedLinearTOFULoss(gamma=1.0, beta=1.5, reduction="sum", impl=impl)
     assert "beta=1.5" in repr(module)
     expected = fused_linear_tofu_loss(
-        x, w, y, bias=b, gamma=1.0, beta=1.5, reduction="sum", impl="chunked"
+        x, w, y, bias=b, gamma=1.0, beta=1.5, reduction="sum", impl=impl
     )
     assert torch.equal(module(x, w, y, b), expected)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tofu_kernels.fused_tofu import FusedParams, FusedTOFUFunction
 from tofu_kernels.tofu import tofu_fwd, tofu_fwd_torch
 from tofu_kernels.utils import (
     KERNEL_DTYPES,
@@ -29,7 +30,7 @@ from tofu_kernels.utils import (
     use_triton,
 )
 
-LINEAR_IMPLS = ("auto", "chunked", "torch")
+LINEAR_IMPLS = ("auto", "chunked", "fused", "torch")
 # Default chunk: its logits about the size of `hidden` (N * H elements), but at least this many
 # rows, so the grad_weight GEMM (K = chunk rows) is not starved on large vocabularies.
 MIN_CHUNK_ROWS = 256
@@ -244,6 +245,7 @@ def fused_linear_tofu_loss(
     return_stats: bool = False,
     accum_dtype: torch.dtype | None = torch.float32,
     drop_ignored: bool | None = None,
+    filter_eps: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TOFUStats]:
     r"""TOFU loss of an LM head, without materializing the ``(tokens, vocabulary)`` logits.
 
@@ -265,13 +267,18 @@ def fused_linear_tofu_loss(
         chunk_size: tokens per chunk; default: the chunk's logits about the size of ``hidden``
             (at least ``MIN_CHUNK_ROWS`` rows). Smaller chunks save memory, but the
             ``grad_weight`` GEMM (inner dimension = chunk) becomes memory-bound.
-        impl: ``"chunked"`` (cuBLAS GEMMs + the Triton TOFU kernel), ``"torch"`` (same algorithm,
-            TOFU in PyTorch) or ``"auto"``: chunked for GPU tensors and under
-            ``TRITON_INTERPRET=1``, torch for CPU tensors.
+        impl: ``"chunked"`` (cuBLAS GEMMs + the Triton TOFU kernel), ``"fused"`` (the projection
+            inside Triton too: logits only in registers, O(N) saved floats, recomputed in
+            backward), ``"torch"`` (the chunked algorithm, TOFU in PyTorch) or ``"auto"``:
+            chunked for GPU tensors and under ``TRITON_INTERPRET=1``, torch for CPU tensors.
         accum_dtype: dtype of the ``grad_weight``/``grad_bias`` accumulator across chunks; None
             accumulates in the weight's dtype (less memory, one rounding per chunk).
         drop_ignored: run only valid tokens through the GEMMs. Default: on for CPU tensors; on a
             GPU it needs one host-device sync (the number of valid tokens), so it is opt-in there.
+        filter_eps: ``impl="fused"`` only: skip gradient work whose every entry is at most
+            ``filter_eps`` times the batch's largest focal weight ``g * |scale|`` (confident
+            tokens, far-off vocabulary tiles). None: ``2**-12`` for bf16/fp16, exact zeros only for
+            fp32; 0 disables it.
         return_stats: also return :class:`TOFUStats`.
 
     Returns:
@@ -325,8 +332,8 @@ def fused_linear_tofu_loss(
                 f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}; cast them to one "
                 "dtype or run under torch.autocast"
             )
-    if impl == "chunked" and hidden.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"impl='chunked' takes {KERNEL_DTYPES} inputs, got {hidden.dtype}")
+    if impl in ("chunked", "fused") and hidden.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"impl={impl!r} takes {KERNEL_DTYPES} inputs, got {hidden.dtype}")
     check_label_range(labels, weight.shape[0], ignore_index)
 
     if drop_ignored is None:
@@ -339,9 +346,15 @@ def fused_linear_tofu_loss(
         grad_on and bias is not None and bias.requires_grad,
     )
     with torch.autocast(device_type, enabled=False):
-        loss, row_stats = LinearTOFUFunction.apply(
-            hidden, weight, bias, labels, num_items_in_batch, params, needs
-        )
+        if impl == "fused":
+            fused = FusedParams(tofu, filter_eps)
+            loss, row_stats = FusedTOFUFunction.apply(
+                hidden, weight, bias, labels, num_items_in_batch, fused, needs
+            )
+        else:
+            loss, row_stats = LinearTOFUFunction.apply(
+                hidden, weight, bias, labels, num_items_in_batch, params, needs
+            )
     if return_stats:
         return loss, TOFUStats.from_rows(row_stats, labels, ignore_index)
     return loss

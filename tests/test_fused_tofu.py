@@ -1,0 +1,133 @@
+"""impl="fused" mechanics: tiling across blocks/splits, gradient filtering both ways, backward.
+
+The oracle grid shared with the chunked impl lives in test_linear_tofu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_linear_tofu import GRAD_RTOL, LOSS_RTOL, make_inputs, rel_err
+
+from helpers import linear_oracle, random_labels
+from tofu_kernels import fused_linear_tofu_loss
+from tofu_kernels import fused_tofu as fused_mod
+
+
+def compare(x, w, b, y, grads, ref, dtype):
+    loss, gx, gw, gb = ref
+    for got, want, name in ((grads[0], loss, "loss"), (grads[1], gx, "hidden"),
+                            (grads[2], gw, "weight"), (grads[3], gb, "bias")):  # fmt: skip
+        if got is None:
+            continue
+        tol = LOSS_RTOL[dtype] if name == "loss" else GRAD_RTOL[dtype]
+        assert rel_err(got, want) < tol, (name, rel_err(got, want))
+
+
+def run(x, w, b, y, **kwargs):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+    loss = fused_linear_tofu_loss(leaves[0], leaves[1], y, bias=leaves[2], impl="fused", **kwargs)
+    loss.backward()
+    return [loss.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_token_blocks_vocab_splits_and_k_steps(device, dtype):
+    """N spans 3 token blocks (last one partial), V several tiles and splits, H two K steps."""
+    cfg = fused_mod.FWD_CONFIG
+    n = 2 * cfg["BLOCK_N"] + 22
+    h = cfg["BLOCK_K"] + 6
+    v = 5 * cfg["BLOCK_V"] + 3
+    x, w, b, y = make_inputs((n,), h, v, dtype, device, bias=True, ignored=0.3)
+    grads = run(x, w, b, y, softcap=20.0, gamma=1.0, beta=0.5)
+    ref = linear_oracle(x, w, y, bias=b, gamma=1.0, beta=0.5, softcap=20.0)
+    compare(x, w, b, y, grads, ref, dtype)
+
+
+@pytest.mark.parametrize("filter_eps", [0.0, None])
+def test_gradient_filtering_within_tolerance(device, filter_eps):
+    """Half the tokens confident (g ~ e^-90): filtering skips them and stays within tolerance."""
+    x, w, _, y = make_inputs((90,), 48, 700, torch.bfloat16, device, ignored=0.0)
+    confident = torch.arange(90, device=device) % 2 == 0
+    # make the label the argmax by a wide margin on confident rows
+    logits = x.float() @ w.float().T
+    y = torch.where(confident, logits.argmin(1), y)  # any column; margin comes from the bias
+    b = torch.zeros(700, device=device)
+    b[y[confident]] = 40.0
+    b = b.to(torch.bfloat16)
+    grads = run(x, w, b, y, filter_eps=filter_eps)
+    ref = linear_oracle(x, w, y, bias=b, gamma=3.0, beta=0.8)
+    compare(x, w, b, y, grads, ref, torch.bfloat16)
+
+
+def test_filtering_switch_is_live(device):
+    """A threshold at the largest row weight drops everything: the switch really gates work."""
+    x, w, _, y = make_inputs((20,), 48, 300, torch.float32, device, ignored=0.0)
+    grads = run(x, w, None, y, filter_eps=1.0)
+    assert (grads[1] == 0).all() and (grads[2] == 0).all()
+    grads = run(x, w, None, y, filter_eps=0.0)
+    assert (grads[1] != 0).any()
+
+
+def test_backward_twice_accumulates(device):
+    """Nothing is consumed in backward: a retained graph gives the same gradient twice."""
+    x, w, _, y = make_inputs((20,), 48, 300, torch.float32, device)
+    x.requires_grad_(True)
+    loss = fused_linear_tofu_loss(x, w, y, impl="fused")
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    assert rel_err(x.grad, 2 * first) < 1e-6
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(fused_linear_tofu_loss(x, w, y, impl="fused"), x, create_graph=True)
+
+
+def test_frozen_weight_and_no_grad_skip_work(device, monkeypatch):
+    calls = []
+    real = fused_mod.fused_tofu_bwd
+
+    def spy(*args, **kwargs):
+        calls.append(args[7])  # needs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_mod, "fused_tofu_bwd", spy)
+    x, w, b, y = make_inputs((20,), 48, 300, torch.float32, device, bias=True)
+    x.requires_grad_(True)
+    fused_linear_tofu_loss(x, w, y, bias=b, impl="fused").backward()
+    assert w.grad is None and b.grad is None
+    with torch.no_grad():
+        fused_linear_tofu_loss(x, w, y, bias=b, impl="fused")
+    assert calls == [(True, False, False)]
+
+
+def test_out_of_range_label_gives_nan_not_oob(device):
+    x, w, _, _ = make_inputs((4,), 48, 300, torch.float32, device)
+    y = torch.tensor([1, 300, -7, 2], device=device)
+    params = fused_mod.TOFUParams()
+    loss, _, rowterms = fused_mod.fused_tofu_fwd(x, w, y, None, params)
+    assert torch.isnan(loss[1:3]).all() and torch.isfinite(loss[[0, 3]]).all()
+    assert (rowterms[1:, 1:3] == 0).all()  # no gradient from them
+
+
+def test_all_rows_ignored(device):
+    x, w, _, _ = make_inputs((20,), 48, 300, torch.bfloat16, device)
+    y = random_labels((20,), 300, device, ignored=1.0)
+    grads = run(x, w, None, y)
+    assert grads[0].item() == 0 and (grads[1] == 0).all() and (grads[2] == 0).all()
+
+
+def test_filtering_drops_exactly_the_small_rows(device):
+    """With a threshold between row weights, light rows add nothing and heavy rows are exact."""
+    x, w, _, y = make_inputs((40,), 48, 300, torch.float32, device, ignored=0.0)
+    params = fused_mod.TOFUParams()
+    _, _, rowterms = fused_mod.fused_tofu_fwd(x, w, y, None, params)
+    scale = torch.ones(1, device=device)
+    g = rowterms[3]
+    eps = (g.median() / g.max()).item()  # a threshold with rows on both sides
+    light = g <= eps * g.max()
+    assert light.any() and (~light).any()
+    needs = (True, True, False)
+    exact = fused_mod.fused_tofu_bwd(x, w, y, None, rowterms, scale, params, needs, 0.0)[0]
+    kept = fused_mod.fused_tofu_bwd(x, w, y, None, rowterms, scale, params, needs, eps)[0]
+    assert (kept[light] == 0).all()
+    torch.testing.assert_close(kept[~light], exact[~light], rtol=1e-6, atol=0)

@@ -1,0 +1,424 @@
+"""Fully fused LM-head TOFU (``impl="fused"``): the projection runs inside Triton, so logits only
+ever exist as register tiles.
+
+Forward: programs over (token block, vocabulary split) compute logits tiles with ``tl.dot`` over H
+and keep, per row, the online max and every sum TOFU needs; a merge kernel combines the splits into
+the loss, the focal weight and the per-row softmax terms (O(N) floats). Backward: programs over
+(token block, vocabulary block) recompute their logits tile, form ``g * (softmax(z / beta) -
+onehot) * scale`` in registers and add ``dZ @ W`` and ``dZ^T @ X`` into fp32 ``grad_hidden`` and
+``grad_weight`` with atomics. Work whose gradient is below the output precision can be skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from tofu_kernels.tofu import _cap, tofu_row_terms
+from tofu_kernels.utils import TOFUParams, interpreting, reduce_loss, reduction_scale
+
+# Fixed launch configs (untuned: no GPU has measured them yet). Autotuning is not wired in.
+FWD_CONFIG = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
+BWD_CONFIG = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
+# Gradient filtering: skip work whose every gradient entry is below this fraction of the largest
+# row weight g * |scale| of the batch (2^-12: under bf16/fp16 resolution of a sum that holds it).
+FILTER_EPS_HALF = 2.0**-12
+_NEG_BIG = tl.constexpr(-1.0e30)  # a finite "-inf" for running maxima: (m_old - m_new) * 0 is 0
+
+
+@triton.jit
+def _logits_tile(
+    x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """fp32 (BLOCK_N, BLOCK_V) tile of ``x @ w.T (+ b)``, softcapped; out-of-range entries junk."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    for k in range(0, H, BLOCK_K):
+        k_mask = (k + ks) < H
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xn + (k + ks)[None, :],
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + cols[:, None] * stride_wv + (k + ks)[None, :],
+            mask=col_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        if UPCAST:  # the interpreter cannot multiply bf16; the GPU keeps tensor-core inputs
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return _cap(acc, softcap, HAS_SOFTCAP)
+
+
+@triton.jit
+def _fused_fwd_kernel(
+    # pointers: hidden (N, H), weight (V, H), bias (V,), labels (N,); partials (6, SPLITS, N)
+    x_ptr, w_ptr, b_ptr, labels_ptr, part_ptr,
+    # sizes and strides (elements; unit stride along H)
+    N, V, H, stride_xn, stride_wv, tiles_per_split,
+    # TOFU parameters (runtime fp32)
+    beta, softcap, ignore_index,
+    # meta
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    y = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (y != ignore_index)
+    inv_beta = 1.0 / beta
+
+    m = tl.full((BLOCK_N,), _NEG_BIG, tl.float32)
+    s1 = tl.zeros((BLOCK_N,), tl.float32)
+    s1x = tl.zeros((BLOCK_N,), tl.float32)
+    sbx = tl.zeros((BLOCK_N,), tl.float32)
+    sz = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.zeros((BLOCK_N,), tl.float32)
+    found = tl.zeros((BLOCK_N,), tl.float32)
+    t_start = split * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    t_end = tl.where(tl.max(valid.to(tl.int32), axis=0) > 0, t_end, t_start)  # all ignored: skip
+    for t in range(t_start, t_end):
+        cols = t * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = _logits_tile(
+            x_ptr, w_ptr, b_ptr, rows64, cols.to(tl.int64), row_mask, col_mask, H, stride_xn,
+            stride_wv, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_K,
+        )  # fmt: skip
+        z = tl.where(col_mask[None, :], z, -float("inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        zm = z - m_new[:, None]
+        e1 = tl.exp(zm)
+        eb = tl.exp(zm * inv_beta)
+        is_y = cols[None, :] == y[:, None]
+        sz = alpha * (sz + (m - m_new) * s1) + tl.sum(tl.where(col_mask[None, :], e1 * zm, 0.0), 1)
+        s1 = alpha * s1 + tl.sum(e1, axis=1)
+        s1x = alpha * s1x + tl.sum(tl.where(is_y, 0.0, e1), axis=1)
+        sbx = tl.exp((m - m_new) * inv_beta) * sbx + tl.sum(tl.where(is_y, 0.0, eb), axis=1)
+        zy += tl.sum(tl.where(is_y, z, 0.0), axis=1)
+        found += tl.sum(is_y.to(tl.float32), axis=1)
+        m = m_new
+
+    part = part_ptr + split * N + rows
+    stride_part = n_splits * N
+    tl.store(part, m, mask=row_mask)
+    tl.store(part + stride_part, s1, mask=row_mask)
+    tl.store(part + 2 * stride_part, s1x, mask=row_mask)
+    tl.store(part + 3 * stride_part, sbx, mask=row_mask)
+    tl.store(part + 4 * stride_part, sz, mask=row_mask)
+    tl.store(part + 5 * stride_part, tl.where(found > 0, zy, -float("inf")), mask=row_mask)
+
+
+@triton.jit
+def _fused_merge_kernel(
+    # pointers: partials (6, SPLITS, N) in; per-row loss (N,), stats (4, N), bwd terms (4, N) out
+    part_ptr, labels_ptr, loss_ptr, stats_ptr, rowterm_ptr,
+    # sizes
+    N, V, n_splits,
+    # TOFU parameters
+    gamma, beta, ignore_index,
+    # meta
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    y = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = y != ignore_index
+    in_range = (y >= 0) & (y < V)
+    row_ok = valid & in_range & row_mask
+    stride_part = n_splits * N
+    inv_beta = 1.0 / beta
+
+    m = tl.full((BLOCK_N,), _NEG_BIG, tl.float32)
+    for s in range(0, n_splits):
+        m = tl.maximum(m, tl.load(part_ptr + s * N + rows, mask=row_mask, other=_NEG_BIG))
+    s1 = tl.zeros((BLOCK_N,), tl.float32)
+    s1x = tl.zeros((BLOCK_N,), tl.float32)
+    sbx = tl.zeros((BLOCK_N,), tl.float32)
+    sz = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+    for s in range(0, n_splits):
+        p = part_ptr + s * N + rows
+        m_s = tl.load(p, mask=row_mask, other=_NEG_BIG)
+        a = tl.exp(m_s - m)
+        s1_s = tl.load(p + stride_part, mask=row_mask, other=0.0)
+        sz += a * (tl.load(p + 4 * stride_part, mask=row_mask, other=0.0) + (m_s - m) * s1_s)
+        s1 += a * s1_s
+        s1x += a * tl.load(p + 2 * stride_part, mask=row_mask, other=0.0)
+        sbx += tl.exp((m_s - m) * inv_beta) * tl.load(p + 3 * stride_part, mask=row_mask, other=0.0)
+        zy = tl.maximum(zy, tl.load(p + 5 * stride_part, mask=row_mask, other=-float("inf")))
+    zy_m = tl.where(row_ok, zy - m, 0.0)
+    s1x = tl.where(row_ok, s1x, 0.0)
+    sbx = tl.where(row_ok, sbx, 0.0)
+    loss, g, p_y = tofu_row_terms(s1x, sbx, zy_m, gamma, beta)
+    s1 = tl.where(row_ok, s1, 1.0)
+    entropy = tl.log(s1) - sz / s1
+    zero = tl.zeros((BLOCK_N,), tl.float32)
+    loss = tl.where(in_range, loss, float("nan"))
+    tl.store(loss_ptr + rows, tl.where(valid, loss, zero), mask=row_mask)
+    tl.store(stats_ptr + rows, tl.where(row_ok, p_y, zero), mask=row_mask)
+    tl.store(stats_ptr + N + rows, tl.where(row_ok, g, zero), mask=row_mask)
+    tl.store(stats_ptr + 2 * N + rows, tl.where(row_ok, entropy, zero), mask=row_mask)
+    tl.store(stats_ptr + 3 * N + rows, tl.where(row_ok & (zy_m >= 0), 1.0, zero), mask=row_mask)
+    # Backward terms: row max, g / sb, the target column -g * sbx / sb (no cancellation), g.
+    g = tl.where(row_ok, g, zero)
+    sb = sbx + tl.exp(zy_m * inv_beta)
+    tl.store(rowterm_ptr + rows, tl.where(row_ok, m, float("inf")), mask=row_mask)
+    tl.store(rowterm_ptr + N + rows, g / sb, mask=row_mask)
+    tl.store(rowterm_ptr + 2 * N + rows, -g * (sbx / sb), mask=row_mask)
+    tl.store(rowterm_ptr + 3 * N + rows, g, mask=row_mask)
+
+
+@triton.jit
+def _fused_bwd_kernel(
+    # pointers: hidden, weight, bias, labels; per-row terms (4, N); grad scale (1 or N);
+    # the batch's largest row weight (1,); fp32 gradient accumulators (N, H), (V, H), (V,)
+    x_ptr, w_ptr, b_ptr, labels_ptr, rowterm_ptr, scale_ptr, wmax_ptr, gx_ptr, gw_ptr, gb_ptr,
+    # sizes and strides
+    N, V, H, stride_xn, stride_wv, stride_scale,
+    # TOFU parameters and filtering threshold (0 keeps everything that is not exactly 0)
+    beta, softcap, ignore_index, filter_eps,
+    # meta
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GRAD_X: tl.constexpr,
+    GRAD_W: tl.constexpr, GRAD_B: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    y = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    m = tl.load(rowterm_ptr + rows, mask=row_mask, other=float("inf"))
+    scale = tl.load(scale_ptr + rows * stride_scale, mask=row_mask, other=0.0)
+    coef = tl.load(rowterm_ptr + N + rows, mask=row_mask, other=0.0) * scale
+    target = tl.load(rowterm_ptr + 2 * N + rows, mask=row_mask, other=0.0) * scale
+    # Every |dz| entry of a row is at most its weight g * |scale|: rows at or under the threshold
+    # (ignored rows; with filtering, confident ones) add nothing, and a block of such rows is
+    # skipped before its GEMMs.
+    row_weight = tl.load(rowterm_ptr + 3 * N + rows, mask=row_mask, other=0.0) * tl.abs(scale)
+    keep = row_weight > filter_eps * tl.load(wmax_ptr)
+    coef = tl.where(keep, coef, 0.0)
+    target = tl.where(keep, target, 0.0)
+    threshold = filter_eps * tl.load(wmax_ptr)
+    if tl.max(keep.to(tl.int32), axis=0) > 0:
+        z = _logits_tile(
+            x_ptr, w_ptr, b_ptr, rows64, cols64, row_mask, col_mask, H, stride_xn, stride_wv,
+            softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_K,
+        )  # fmt: skip
+        dz = tl.exp((z - m[:, None]) * (1.0 / beta)) * coef[:, None]
+        dz = tl.where(cols[None, :] == y[:, None], target[:, None], dz)
+        if HAS_SOFTCAP:
+            zc = z / softcap
+            dz = dz * (1.0 - zc * zc)
+        dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+        # vocabulary tiles whose every entry is below the threshold are skipped (CCE-style)
+        if tl.max(tl.max(tl.abs(dz), axis=1), axis=0) > threshold:
+            if GRAD_B:
+                tl.atomic_add(gb_ptr + cols64, tl.sum(dz, axis=0), mask=col_mask)
+            dz_in = dz.to(x_ptr.dtype.element_ty)
+            if UPCAST:
+                dz_in = dz_in.to(tl.float32)
+            ks = tl.arange(0, BLOCK_K)
+            for k in range(0, H, BLOCK_K):
+                k_mask = (k + ks) < H
+                if GRAD_X:
+                    w = tl.load(
+                        w_ptr + cols64[:, None] * stride_wv + (k + ks)[None, :],
+                        mask=col_mask[:, None] & k_mask[None, :],
+                        other=0.0,
+                    )
+                    if UPCAST:
+                        w = w.to(tl.float32)
+                    if IEEE:
+                        gx = tl.dot(dz_in, w, input_precision="ieee")
+                    else:
+                        gx = tl.dot(dz_in, w)
+                    tl.atomic_add(
+                        gx_ptr + rows64[:, None] * H + (k + ks)[None, :],
+                        gx,
+                        mask=row_mask[:, None] & k_mask[None, :],
+                    )
+                if GRAD_W:
+                    x = tl.load(
+                        x_ptr + rows64[:, None] * stride_xn + (k + ks)[None, :],
+                        mask=row_mask[:, None] & k_mask[None, :],
+                        other=0.0,
+                    )
+                    if UPCAST:
+                        x = x.to(tl.float32)
+                    if IEEE:
+                        gw = tl.dot(tl.trans(dz_in), x, input_precision="ieee")
+                    else:
+                        gw = tl.dot(tl.trans(dz_in), x)
+                    tl.atomic_add(
+                        gw_ptr + cols64[:, None] * H + (k + ks)[None, :],
+                        gw,
+                        mask=col_mask[:, None] & k_mask[None, :],
+                    )
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    return dict(UPCAST=interpreting() and dtype != torch.float32, IEEE=dtype == torch.float32)
+
+
+def _n_splits(n_blocks: int, v_tiles: int, device: torch.device) -> int:
+    """Vocabulary splits so the forward grid has about two programs per SM."""
+    if device.type != "cuda":
+        return min(v_tiles, 2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(v_tiles, triton.cdiv(2 * sms, n_blocks)))
+
+
+def fused_tofu_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    params: TOFUParams,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward on ``hidden (N, H)``, ``weight (V, H)``: per-token fp32 losses ``(N,)``,
+    stats ``(4, N)`` and the backward's per-row terms ``(4, N)``. No checks, no autograd."""
+    n, h = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    cfg = FWD_CONFIG
+    n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    v_tiles = triton.cdiv(vocab, cfg["BLOCK_V"])
+    splits = _n_splits(n_blocks, v_tiles, dev)
+    tiles_per_split = triton.cdiv(v_tiles, splits)
+    splits = triton.cdiv(v_tiles, tiles_per_split)  # no empty split
+    partials = torch.empty(6, splits, n, dtype=torch.float32, device=dev)
+    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    stats = torch.empty(4, n, dtype=torch.float32, device=dev)
+    rowterms = torch.empty(4, n, dtype=torch.float32, device=dev)
+    if n == 0:
+        return loss, stats, rowterms
+    softcap = params.softcap if params.softcap is not None else 1.0
+    _fused_fwd_kernel[(n_blocks, splits)](
+        hidden, weight, bias if bias is not None else weight, labels, partials,
+        n, vocab, h, hidden.stride(0), weight.stride(0), tiles_per_split,
+        params.beta, softcap, params.ignore_index,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None,
+        **_dot_flags(hidden.dtype), **cfg,
+    )  # fmt: skip
+    merge_block = 128
+    _fused_merge_kernel[(triton.cdiv(n, merge_block),)](
+        partials, labels, loss, stats, rowterms, n, vocab, splits,
+        params.gamma, params.beta, params.ignore_index, BLOCK_N=merge_block,
+    )  # fmt: skip
+    return loss, stats, rowterms
+
+
+def fused_tofu_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    rowterms: torch.Tensor,
+    grad_scale: torch.Tensor,
+    params: TOFUParams,
+    needs: tuple[bool, bool, bool],
+    filter_eps: float | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``sum_t grad_scale[t] * loss[t]`` (``grad_scale`` fp32, 1 or N elements) for
+    (hidden, weight, bias) where ``needs`` says so. ``filter_eps``: None picks the default (on
+    for half precision, exact zeros only for fp32); 0 disables filtering."""
+    n, h = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    if filter_eps is None:
+        filter_eps = 0.0 if hidden.dtype == torch.float32 else FILTER_EPS_HALF
+    gx = torch.zeros(n, h, dtype=torch.float32, device=dev) if needs[0] else None
+    gw = torch.zeros(vocab, h, dtype=torch.float32, device=dev) if needs[1] else None
+    gb = torch.zeros(vocab, dtype=torch.float32, device=dev) if needs[2] else None
+    if n and any(needs):
+        wmax = (rowterms[3] * grad_scale.abs().expand(n)).max().reshape(1)  # stays on the device
+        cfg = BWD_CONFIG
+        dummy = rowterms
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
+        _fused_bwd_kernel[grid](
+            hidden, weight, bias if bias is not None else weight, labels, rowterms, grad_scale,
+            wmax, gx if gx is not None else dummy, gw if gw is not None else dummy,
+            gb if gb is not None else dummy,
+            n, vocab, h, hidden.stride(0), weight.stride(0), 1 if grad_scale.numel() > 1 else 0,
+            params.beta, params.softcap if params.softcap is not None else 1.0,
+            params.ignore_index, float(filter_eps),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None,
+            GRAD_X=needs[0], GRAD_W=needs[1], GRAD_B=needs[2], **_dot_flags(hidden.dtype), **cfg,
+        )  # fmt: skip
+    return (
+        gx.to(hidden.dtype) if gx is not None else None,
+        gw.to(weight.dtype) if gw is not None else None,
+        gb.to(bias.dtype) if gb is not None else None,
+    )
+
+
+@dataclass(frozen=True)
+class FusedParams:
+    tofu: TOFUParams
+    filter_eps: float | None = None
+
+
+class FusedTOFUFunction(torch.autograd.Function):
+    """Forward keeps O(N) per-row terms; backward recomputes logits tiles (any reduction)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        num_items_in_batch: int | float | torch.Tensor | None,
+        params: FusedParams,
+        needs: tuple[bool, bool, bool],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = hidden.reshape(-1, hidden.shape[-1])
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        w = weight if weight.stride(-1) == 1 else weight.contiguous()
+        y = labels.reshape(-1)
+        loss_rows, row_stats, rowterms = fused_tofu_fwd(x, w, y, bias, params.tofu)
+        scale = reduction_scale(y, params.tofu, num_items_in_batch)
+        ctx.params, ctx.needs, ctx.hidden_shape = params, needs, hidden.shape
+        ctx.save_for_backward(x, w, bias, y, rowterms, scale)
+        ctx.mark_non_differentiable(row_stats)
+        return reduce_loss(loss_rows, labels.shape, params.tofu, scale), row_stats
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor | None):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fused_linear_tofu_loss does not support double backward (create_graph=True)"
+            )
+        x, w, bias, y, rowterms, scale = ctx.saved_tensors
+        grad_scale = grad_loss.reshape(-1).to(torch.float32)
+        if scale is not None:
+            grad_scale = grad_scale * scale
+        gx, gw, gb = fused_tofu_bwd(
+            x, w, y, bias, rowterms, grad_scale, ctx.params.tofu, ctx.needs, ctx.params.filter_eps
+        )
+        if gx is not None:
+            gx = gx.view(ctx.hidden_shape)
+        return gx, gw, gb, None, None, None, None
