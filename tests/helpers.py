@@ -117,3 +117,24 @@ def linear_oracle(
         gb += g.sum(0)
     loss = reduce_rows(torch.cat(rows), labels, ignore_index, reduction, num_items_in_batch)
     return loss, gx.reshape(hidden.shape), gw, gb
+
+
+# The chunk's logits are rounded to the inputs' dtype, as the model's own LM head would round
+# them; per-token losses therefore carry that rounding (bf16: 8 bits), means much less of it.
+LINEAR_LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 1e-3}
+LINEAR_GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def rel_err(actual, expected) -> float:
+    """Largest elementwise error relative to the largest expected magnitude."""
+    expected = expected.double()
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
+
+
+def make_inputs(shape, hidden, vocab, dtype, device, *, bias=False, ignored=0.3):
+    # weight scaled so logits have a spread of a few units, as in a trained head
+    x = torch.randn(*shape, hidden, device=device).to(dtype)
+    w = (torch.randn(vocab, hidden, device=device) * 3 / hidden**0.5).to(dtype)
+    b = torch.randn(vocab, device=device).to(dtype) if bias else None  # a bias of order 1
+    y = random_labels(shape, vocab, device, ignored)
+    return x, w, b, y

@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_linear_tofu import GRAD_RTOL, LOSS_RTOL, make_inputs, rel_err
 
-from helpers import linear_oracle, random_labels
+from helpers import (
+    LINEAR_GRAD_RTOL,
+    LINEAR_LOSS_RTOL,
+    linear_oracle,
+    make_inputs,
+    random_labels,
+    rel_err,
+)
 from tofu_kernels import fused_linear_tofu_loss
 from tofu_kernels import fused_tofu as fused_mod
 
@@ -20,7 +26,7 @@ def compare(x, w, b, y, grads, ref, dtype):
                             (grads[2], gw, "weight"), (grads[3], gb, "bias")):  # fmt: skip
         if got is None:
             continue
-        tol = LOSS_RTOL[dtype] if name == "loss" else GRAD_RTOL[dtype]
+        tol = LINEAR_LOSS_RTOL[dtype] if name == "loss" else LINEAR_GRAD_RTOL[dtype]
         assert rel_err(got, want) < tol, (name, rel_err(got, want))
 
 

@@ -19,32 +19,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import linear_oracle, random_labels
+from helpers import (
+    LINEAR_GRAD_RTOL,
+    LINEAR_LOSS_RTOL,
+    linear_oracle,
+    make_inputs,
+    random_labels,
+    rel_err,
+)
 from tofu_kernels import FusedLinearTOFULoss, fused_linear_tofu_loss, tofu_loss
 from tofu_kernels import linear_tofu as linear_mod
 
-# The chunk's logits are rounded to the inputs' dtype, as the model's own LM head would round
-# them; per-token losses therefore carry that rounding (bf16: 8 bits), means much less of it.
-LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 1e-3}
-GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The two kernel impls share the oracle tests; each also has tests of its own mechanics.
 KERNEL_IMPLS = ["chunked", "fused"]
-
-
-def rel_err(actual, expected) -> float:
-    """Largest elementwise error relative to the largest expected magnitude."""
-    expected = expected.double()
-    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
-
-
-def make_inputs(shape, hidden, vocab, dtype, device, *, bias=False, ignored=0.3):
-    # weight scaled so logits have a spread of a few units, as in a trained head
-    x = torch.randn(*shape, hidden, device=device).to(dtype)
-    w = (torch.randn(vocab, hidden, device=device) * 3 / hidden**0.5).to(dtype)
-    b = torch.randn(vocab, device=device).to(dtype) if bias else None  # a bias of order 1
-    y = random_labels(shape, vocab, device, ignored)
-    return x, w, b, y
 
 
 def run_and_compare(x, w, b, y, *, dtype=None, grad_output=True, **kwargs):
@@ -61,13 +49,13 @@ def run_and_compare(x, w, b, y, *, dtype=None, grad_output=True, **kwargs):
     oracle_kwargs.setdefault("beta", 0.8)
     ref_loss, gx, gw, gb = linear_oracle(x, w, y, bias=b, grad_output=go, **oracle_kwargs)
     assert loss.shape == ref_loss.shape and torch.isfinite(loss).all()
-    assert rel_err(loss, ref_loss) < LOSS_RTOL[dtype], rel_err(loss, ref_loss)
+    assert rel_err(loss, ref_loss) < LINEAR_LOSS_RTOL[dtype], rel_err(loss, ref_loss)
     for t, ref, name in ((x, gx, "hidden"), (w, gw, "weight"), (b, gb, "bias")):
         if t is None or not t.requires_grad:
             continue
         assert t.grad.dtype == t.dtype and t.grad.shape == t.shape, name
         err = rel_err(t.grad, ref)
-        assert err < GRAD_RTOL[dtype], f"grad_{name}: {err}"
+        assert err < LINEAR_GRAD_RTOL[dtype], f"grad_{name}: {err}"
     return loss
 
 
@@ -169,9 +157,9 @@ def test_autocast_fp32_master_weights(device, impl):
     assert loss.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
     xb, wb, bb = (t.detach().to(torch.bfloat16) for t in (x, head.weight, head.bias))
     ref_loss, gx, gw, gb = linear_oracle(xb, wb, y, bias=bb, gamma=3.0, beta=0.8)
-    assert rel_err(loss, ref_loss) < LOSS_RTOL[torch.bfloat16]
+    assert rel_err(loss, ref_loss) < LINEAR_LOSS_RTOL[torch.bfloat16]
     for grad, ref in ((x.grad, gx), (head.weight.grad, gw), (head.bias.grad, gb)):
-        assert rel_err(grad, ref) < GRAD_RTOL[torch.bfloat16]
+        assert rel_err(grad, ref) < LINEAR_GRAD_RTOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
@@ -367,3 +355,13 @@ def test_default_chunk_size():
     assert linear_mod.default_chunk_size(10, 4096, 128256) == 10
     for n, h, v in itertools.product([1, 300, 5000], [64, 4096], [100, 128256]):
         assert 1 <= linear_mod.default_chunk_size(n, h, v) <= n
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS + ["torch"])
+def test_none_reduction_summed_by_the_caller(device, impl):
+    """loss.sum().backward() hands backward an expanded, stride-0 grad_output."""
+    x, w, _, y = make_inputs((13,), 37, 301, torch.float32, device)
+    x.requires_grad_(True), w.requires_grad_(True)
+    fused_linear_tofu_loss(x, w, y, reduction="none", impl=impl, chunk_size=4).sum().backward()
+    _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, reduction="sum")
+    assert rel_err(x.grad, gx) < 1e-5 and rel_err(w.grad, gw) < 1e-5

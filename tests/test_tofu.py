@@ -309,3 +309,13 @@ def test_empty_batch(device):
     loss = tofu_loss(logits, labels, impl="triton")
     loss.backward()
     assert loss.item() == 0 and logits.grad.shape == (0, 127)
+
+
+def test_none_reduction_summed_by_the_caller(device):
+    """loss.sum().backward() hands backward an expanded, stride-0 grad_output."""
+    logits = random_logits((7, 127), torch.float32, device).requires_grad_(True)
+    labels = random_labels((7,), 127, device, ignored=0.3)
+    tofu_loss(logits, labels, reduction="none", impl="triton").sum().backward()
+    _, ref_grad = oracle(logits, labels, gamma=3.0, beta=0.8, reduction="sum",
+                         grad_output=torch.tensor(1.0))  # fmt: skip
+    assert_close(logits.grad, ref_grad, 1e-5, "grad")

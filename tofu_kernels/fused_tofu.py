@@ -374,6 +374,63 @@ def fused_tofu_bwd(
     )
 
 
+@torch.library.custom_op("tofu_kernels::fused_tofu_fwd", mutates_args=())
+def fused_fwd_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    gamma: float,
+    beta: float,
+    ignore_index: int,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fused_tofu_fwd` as an opaque op for ``torch.compile``."""
+    params = TOFUParams(gamma, beta, ignore_index, "sum", softcap)
+    return fused_tofu_fwd(hidden, weight, labels, bias, params)
+
+
+@fused_fwd_op.register_fake
+def _(hidden, weight, labels, bias, gamma, beta, ignore_index, softcap):
+    n = hidden.shape[0]
+    return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(4, n, dtype=torch.float32),
+            hidden.new_empty(4, n, dtype=torch.float32))  # fmt: skip
+
+
+@torch.library.custom_op("tofu_kernels::fused_tofu_bwd", mutates_args=())
+def fused_bwd_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    rowterms: torch.Tensor,
+    grad_scale: torch.Tensor,
+    gamma: float,
+    beta: float,
+    ignore_index: int,
+    softcap: float | None,
+    needs: list[bool],
+    filter_eps: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fused_tofu_bwd` as an opaque op; gradients not asked for come back empty."""
+    params = TOFUParams(gamma, beta, ignore_index, "sum", softcap)
+    grads = fused_tofu_bwd(
+        hidden, weight, labels, bias, rowterms, grad_scale, params, tuple(needs), filter_eps
+    )
+    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+
+
+@fused_bwd_op.register_fake
+def _(hidden, weight, labels, bias, rowterms, grad_scale, gamma, beta, ignore_index, softcap,
+      needs, filter_eps):  # fmt: skip
+    empty = hidden.new_empty(0)
+    return (
+        torch.empty_like(hidden) if needs[0] else empty,
+        torch.empty_like(weight) if needs[1] else empty,
+        torch.empty_like(bias) if needs[2] and bias is not None else empty,
+    )
+
+
 @dataclass(frozen=True)
 class FusedParams:
     tofu: TOFUParams
@@ -399,7 +456,10 @@ class FusedTOFUFunction(torch.autograd.Function):
             x = x.contiguous()
         w = weight if weight.stride(-1) == 1 else weight.contiguous()
         y = labels.reshape(-1)
-        loss_rows, row_stats, rowterms = fused_tofu_fwd(x, w, y, bias, params.tofu)
+        t = params.tofu
+        loss_rows, row_stats, rowterms = fused_fwd_op(
+            x, w, y, bias, t.gamma, t.beta, t.ignore_index, t.softcap
+        )
         scale = reduction_scale(y, params.tofu, num_items_in_batch)
         ctx.params, ctx.needs, ctx.hidden_shape = params, needs, hidden.shape
         ctx.save_for_backward(x, w, bias, y, rowterms, scale)
@@ -413,12 +473,16 @@ class FusedTOFUFunction(torch.autograd.Function):
                 "fused_linear_tofu_loss does not support double backward (create_graph=True)"
             )
         x, w, bias, y, rowterms, scale = ctx.saved_tensors
-        grad_scale = grad_loss.reshape(-1).to(torch.float32)
+        # contiguous: a grad_output from .sum() is an expanded, stride-0 view
+        grad_scale = grad_loss.reshape(-1).to(torch.float32).contiguous()
         if scale is not None:
             grad_scale = grad_scale * scale
-        gx, gw, gb = fused_tofu_bwd(
-            x, w, y, bias, rowterms, grad_scale, ctx.params.tofu, ctx.needs, ctx.params.filter_eps
-        )
+        t = ctx.params.tofu
+        grads = fused_bwd_op(
+            x, w, y, bias, rowterms, grad_scale, t.gamma, t.beta, t.ignore_index, t.softcap,
+            list(ctx.needs), ctx.params.filter_eps,
+        )  # fmt: skip
+        gx, gw, gb = (g if need else None for g, need in zip(grads, ctx.needs, strict=True))
         if gx is not None:
             gx = gx.view(ctx.hidden_shape)
         return gx, gw, gb, None, None, None, None

@@ -156,6 +156,58 @@ def linear_tofu_fwd(
     return loss, stats, g_hidden, g_weight, g_bias
 
 
+@torch.library.custom_op("tofu_kernels::linear_tofu_chunked", mutates_args=())
+def linear_tofu_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    grad_scale: torch.Tensor | None,
+    gamma: float,
+    beta: float,
+    ignore_index: int,
+    softcap: float | None,
+    rows_impl: str,
+    chunk_size: int | None,
+    accum_dtype: torch.dtype | None,
+    drop_ignored: bool,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`linear_tofu_fwd` as an opaque op for ``torch.compile``; gradients that were not
+    asked for come back empty."""
+    tofu = TOFUParams(gamma, beta, ignore_index, "sum", softcap, rows_impl)
+    params = LinearTOFUParams(tofu, chunk_size, accum_dtype, drop_ignored)
+    loss, stats, *grads = linear_tofu_fwd(
+        hidden, weight, labels, bias, params, grad_scale=grad_scale,
+        need_grad_hidden=needs[0], need_grad_weight=needs[1], need_grad_bias=needs[2],
+    )  # fmt: skip
+    return loss, stats, *(g if g is not None else hidden.new_empty(0) for g in grads)
+
+
+@linear_tofu_op.register_fake
+def _(hidden, weight, labels, bias, grad_scale, gamma, beta, ignore_index, softcap, rows_impl,
+      chunk_size, accum_dtype, drop_ignored, needs):  # fmt: skip
+    n = hidden.shape[0]
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    empty = hidden.new_empty(0)
+    return (
+        hidden.new_empty(n, dtype=dtype),
+        hidden.new_empty(4, n, dtype=dtype),
+        torch.empty_like(hidden) if needs[0] else empty,
+        torch.empty_like(weight) if needs[1] else empty,
+        torch.empty_like(bias) if needs[2] and bias is not None else empty,
+    )
+
+
+def _call_linear_op(x, weight, y, bias, params, grad_scale, needs):
+    tofu = params.tofu
+    loss, stats, *grads = linear_tofu_op(
+        x, weight, y, bias, grad_scale, tofu.gamma, tofu.beta, tofu.ignore_index, tofu.softcap,
+        tofu.impl, params.chunk_size, params.accum_dtype, params.drop_ignored, list(needs),
+    )  # fmt: skip
+    return loss, stats, *(g if need else None for g, need in zip(grads, needs, strict=True))
+
+
 class LinearTOFUFunction(torch.autograd.Function):
     """Mean/sum: gradients made in forward, scaled in backward. "none": recomputed in backward,
     since a per-token ``grad_output`` must weigh each row before the sum into ``grad_weight``."""
@@ -177,13 +229,11 @@ class LinearTOFUFunction(torch.autograd.Function):
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
         scale = reduction_scale(y, tofu, num_items_in_batch, compute_dtype)
         deferred = tofu.reduction == "none" and any(needs)
-        loss_rows, row_stats, *grads = linear_tofu_fwd(
-            x, weight, y, bias, params,
-            grad_scale=None if scale is None else scale.reshape(1),
-            need_grad_hidden=needs[0] and not deferred,
-            need_grad_weight=needs[1] and not deferred,
-            need_grad_bias=needs[2] and not deferred,
-        )  # fmt: skip
+        grad_scale = None if scale is None else scale.reshape(1)
+        fwd_needs = tuple(need and not deferred for need in needs)
+        loss_rows, row_stats, *grads = _call_linear_op(
+            x, weight, y, bias, params, grad_scale, fwd_needs
+        )
         ctx.params, ctx.needs, ctx.deferred = params, needs, deferred
         ctx.compute_dtype = compute_dtype
         ctx.hidden_shape = hidden.shape
@@ -209,13 +259,9 @@ class LinearTOFUFunction(torch.autograd.Function):
         ctx.consumed = True
         if ctx.deferred:
             x, weight, bias, y = ctx.saved_tensors
-            _, _, *grads = linear_tofu_fwd(
-                x, weight, y, bias, ctx.params,
-                grad_scale=grad_loss.reshape(-1).to(ctx.compute_dtype),
-                need_grad_hidden=ctx.needs[0],
-                need_grad_weight=ctx.needs[1],
-                need_grad_bias=ctx.needs[2],
-            )  # fmt: skip
+            # contiguous: a grad_output from .sum() is an expanded, stride-0 view
+            grad_scale = grad_loss.reshape(-1).to(ctx.compute_dtype).contiguous()
+            _, _, *grads = _call_linear_op(x, weight, y, bias, ctx.params, grad_scale, ctx.needs)
         else:
             grads = list(ctx.saved_tensors)
             factor = grad_multiplier(grad_loss, None, ctx.compute_dtype)  # (1, 1)

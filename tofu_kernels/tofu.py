@@ -274,6 +274,32 @@ def tofu_fwd_torch(
     return loss, stats, grad
 
 
+@torch.library.custom_op("tofu_kernels::tofu_rows", mutates_args=())
+def tofu_rows_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    gamma: float,
+    beta: float,
+    ignore_index: int,
+    softcap: float | None,
+    compute_grad: bool,
+    triton_impl: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`tofu_fwd` (or its PyTorch twin) as an opaque op, so ``torch.compile`` traces around
+    the launch. The gradient output is empty when not computed (an op cannot return None)."""
+    fwd = tofu_fwd if triton_impl else tofu_fwd_torch
+    loss, stats, grad = fwd(logits, labels, gamma, beta, ignore_index, softcap, compute_grad)
+    return loss, stats, grad if grad is not None else logits.new_empty(0)
+
+
+@tofu_rows_op.register_fake
+def _(logits, labels, gamma, beta, ignore_index, softcap, compute_grad, triton_impl):
+    n, vocab = logits.shape
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    grad = logits.new_empty((n, vocab) if compute_grad else (0,))
+    return logits.new_empty(n, dtype=dtype), logits.new_empty(4, n, dtype=dtype), grad
+
+
 class TOFULossFunction(torch.autograd.Function):
     """Computes the loss and its gradient in forward; backward only scales the stored gradient."""
 
@@ -291,10 +317,10 @@ class TOFULossFunction(torch.autograd.Function):
         if z.stride(-1) != 1:
             z = z.contiguous()
         y = labels.reshape(-1)
-        fwd = tofu_fwd if use_triton(params.impl, z.device, z.dtype) else tofu_fwd_torch
-        loss_rows, row_stats, grad = fwd(
-            z, y, params.gamma, params.beta, params.ignore_index, params.softcap, compute_grad
-        )
+        loss_rows, row_stats, grad = tofu_rows_op(
+            z, y, params.gamma, params.beta, params.ignore_index, params.softcap, compute_grad,
+            use_triton(params.impl, z.device, z.dtype),
+        )  # fmt: skip
         scale = reduction_scale(y, params, num_items_in_batch, loss_rows.dtype)
         ctx.params = params
         ctx.logits_shape = logits.shape
