@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import triton
 import triton.language as tl
 
@@ -290,6 +291,72 @@ def _n_splits(n_blocks: int, v_tiles: int, device: torch.device) -> int:
     return max(1, min(v_tiles, triton.cdiv(2 * sms, n_blocks)))
 
 
+def fused_tofu_partials(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    params: TOFUParams,
+) -> torch.Tensor:
+    """Per-row partial sums ``(6, SPLITS, N)`` (max, sum, target-excluded sums at 1 and beta,
+    entropy sum, target logit or -inf) over vocabulary splits of ``weight (V, H)``."""
+    n, h = hidden.shape
+    vocab = weight.shape[0]
+    cfg = FWD_CONFIG
+    n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    v_tiles = triton.cdiv(vocab, cfg["BLOCK_V"])
+    splits = _n_splits(n_blocks, v_tiles, hidden.device)
+    tiles_per_split = triton.cdiv(v_tiles, splits)
+    splits = triton.cdiv(v_tiles, tiles_per_split)  # no empty split
+    partials = torch.empty(6, splits, n, dtype=torch.float32, device=hidden.device)
+    if n == 0:
+        return partials
+    softcap = params.softcap if params.softcap is not None else 1.0
+    _fused_fwd_kernel[(n_blocks, splits)](
+        hidden, weight, bias if bias is not None else weight, labels, partials,
+        n, vocab, h, hidden.stride(0), weight.stride(0), tiles_per_split,
+        params.beta, softcap, params.ignore_index,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None,
+        **_dot_flags(hidden.dtype), **cfg,
+    )  # fmt: skip
+    return partials
+
+
+def fused_tofu_merge(
+    partials: torch.Tensor, labels: torch.Tensor, vocab: int, params: TOFUParams
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Combine ``(6, S, N)`` partials into per-token fp32 losses ``(N,)``, stats ``(4, N)`` and
+    the backward's per-row terms ``(4, N)``: row max, g / sb, target column, g."""
+    n = labels.shape[0]
+    loss = torch.empty(n, dtype=torch.float32, device=labels.device)
+    stats = torch.empty(4, n, dtype=torch.float32, device=labels.device)
+    rowterms = torch.empty(4, n, dtype=torch.float32, device=labels.device)
+    if n == 0:
+        return loss, stats, rowterms
+    merge_block = 128
+    _fused_merge_kernel[(triton.cdiv(n, merge_block),)](
+        partials, labels, loss, stats, rowterms, n, vocab, partials.shape[1],
+        params.gamma, params.beta, params.ignore_index, BLOCK_N=merge_block,
+    )  # fmt: skip
+    return loss, stats, rowterms
+
+
+def collapse_splits(partials: torch.Tensor, beta: float) -> torch.Tensor:
+    """Merge ``(6, S, N)`` partials into ``(6, 1, N)`` with PyTorch (as the merge kernel does)."""
+    m_s, s1, s1x, sbx, sz, zy = partials.unbind(0)
+    m = m_s.max(0).values
+    a = torch.exp(m_s - m)
+    merged = [
+        m,
+        (a * s1).sum(0),
+        (a * s1x).sum(0),
+        (torch.exp((m_s - m) / beta) * sbx).sum(0),
+        (a * (sz + (m_s - m) * s1)).sum(0),
+        zy.max(0).values,
+    ]
+    return torch.stack(merged).unsqueeze(1)
+
+
 def fused_tofu_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -299,35 +366,8 @@ def fused_tofu_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward on ``hidden (N, H)``, ``weight (V, H)``: per-token fp32 losses ``(N,)``,
     stats ``(4, N)`` and the backward's per-row terms ``(4, N)``. No checks, no autograd."""
-    n, h = hidden.shape
-    vocab = weight.shape[0]
-    dev = hidden.device
-    cfg = FWD_CONFIG
-    n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
-    v_tiles = triton.cdiv(vocab, cfg["BLOCK_V"])
-    splits = _n_splits(n_blocks, v_tiles, dev)
-    tiles_per_split = triton.cdiv(v_tiles, splits)
-    splits = triton.cdiv(v_tiles, tiles_per_split)  # no empty split
-    partials = torch.empty(6, splits, n, dtype=torch.float32, device=dev)
-    loss = torch.empty(n, dtype=torch.float32, device=dev)
-    stats = torch.empty(4, n, dtype=torch.float32, device=dev)
-    rowterms = torch.empty(4, n, dtype=torch.float32, device=dev)
-    if n == 0:
-        return loss, stats, rowterms
-    softcap = params.softcap if params.softcap is not None else 1.0
-    _fused_fwd_kernel[(n_blocks, splits)](
-        hidden, weight, bias if bias is not None else weight, labels, partials,
-        n, vocab, h, hidden.stride(0), weight.stride(0), tiles_per_split,
-        params.beta, softcap, params.ignore_index,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None,
-        **_dot_flags(hidden.dtype), **cfg,
-    )  # fmt: skip
-    merge_block = 128
-    _fused_merge_kernel[(triton.cdiv(n, merge_block),)](
-        partials, labels, loss, stats, rowterms, n, vocab, splits,
-        params.gamma, params.beta, params.ignore_index, BLOCK_N=merge_block,
-    )  # fmt: skip
-    return loss, stats, rowterms
+    partials = fused_tofu_partials(hidden, weight, labels, bias, params)
+    return fused_tofu_merge(partials, labels, weight.shape[0], params)
 
 
 def fused_tofu_bwd(
@@ -435,10 +475,55 @@ def _(hidden, weight, labels, bias, rowterms, grad_scale, gamma, beta, ignore_in
 class FusedParams:
     tofu: TOFUParams
     filter_eps: float | None = None
+    # vocabulary parallel: this rank's shard of the vocabulary is [vocab_offset, + weight rows)
+    process_group: object = None
+    vocab_offset: int = 0
+    vocab: int = 0  # the global vocabulary size
+
+
+_SHARDS: dict = {}
+
+
+def shard_layout(local_vocab: int, group) -> tuple[int, int]:
+    """(this rank's vocabulary offset, global vocabulary) for contiguous shards in rank order.
+
+    Every rank's shard size is gathered once per (group, size) and cached: the only host sync of
+    the vocabulary-parallel path, on its first call.
+    """
+    key = (group, local_vocab)
+    if key not in _SHARDS:
+        sizes = [None] * dist.get_world_size(group)
+        dist.all_gather_object(sizes, local_vocab, group=group)
+        _SHARDS[key] = (sum(sizes[: dist.get_rank(group)]), sum(sizes))
+    return _SHARDS[key]
+
+
+def _local_labels(y: torch.Tensor, params: FusedParams, local_vocab: int) -> torch.Tensor:
+    """Global labels to this shard's columns; targets elsewhere get an id no column matches."""
+    ignore = params.tofu.ignore_index
+    outside = -1 if ignore != -1 else -2
+    local = y - params.vocab_offset
+    in_shard = (local >= 0) & (local < local_vocab)
+    return torch.where(y == ignore, y, torch.where(in_shard, local, torch.full_like(y, outside)))
+
+
+def _vocab_parallel_fwd(x, w, y, bias, params: FusedParams):
+    """Each rank reduces its shard to per-row partials; one all_gather gives every rank all of
+    them, and the merge (identical on every rank) the global loss, g and softmax terms."""
+    group = params.process_group
+    partials = fused_tofu_partials(x, w, _local_labels(y, params, w.shape[0]), bias, params.tofu)
+    mine = collapse_splits(partials, params.tofu.beta).contiguous()
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    return fused_tofu_merge(torch.cat(gathered, dim=1), y, params.vocab, params.tofu)
 
 
 class FusedTOFUFunction(torch.autograd.Function):
-    """Forward keeps O(N) per-row terms; backward recomputes logits tiles (any reduction)."""
+    """Forward keeps O(N) per-row terms; backward recomputes logits tiles (any reduction).
+
+    With a process group, ``weight``/``bias`` are this rank's vocabulary shard: the per-row
+    partials are all-gathered in forward, and ``grad_hidden`` all-reduced in backward.
+    """
 
     @staticmethod
     def forward(
@@ -457,14 +542,20 @@ class FusedTOFUFunction(torch.autograd.Function):
         w = weight if weight.stride(-1) == 1 else weight.contiguous()
         y = labels.reshape(-1)
         t = params.tofu
-        loss_rows, row_stats, rowterms = fused_fwd_op(
-            x, w, y, bias, t.gamma, t.beta, t.ignore_index, t.softcap
+        if params.process_group is None:
+            loss_rows, row_stats, rowterms = fused_fwd_op(
+                x, w, y, bias, t.gamma, t.beta, t.ignore_index, t.softcap
+            )
+        else:
+            loss_rows, row_stats, rowterms = _vocab_parallel_fwd(x, w, y, bias, params)
+            y = _local_labels(y, params, w.shape[0])  # backward matches targets in the shard
+        scale = reduction_scale(
+            y if params.process_group is None else labels, t, num_items_in_batch
         )
-        scale = reduction_scale(y, params.tofu, num_items_in_batch)
         ctx.params, ctx.needs, ctx.hidden_shape = params, needs, hidden.shape
         ctx.save_for_backward(x, w, bias, y, rowterms, scale)
         ctx.mark_non_differentiable(row_stats)
-        return reduce_loss(loss_rows, labels.shape, params.tofu, scale), row_stats
+        return reduce_loss(loss_rows, labels.shape, t, scale), row_stats
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor | None):
@@ -484,5 +575,7 @@ class FusedTOFUFunction(torch.autograd.Function):
         )  # fmt: skip
         gx, gw, gb = (g if need else None for g, need in zip(grads, ctx.needs, strict=True))
         if gx is not None:
+            if ctx.params.process_group is not None:
+                dist.all_reduce(gx, group=ctx.params.process_group)  # every shard's share
             gx = gx.view(ctx.hidden_shape)
         return gx, gw, gb, None, None, None, None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tofu_kernels.fused_tofu import FusedParams, FusedTOFUFunction
+from tofu_kernels.fused_tofu import FusedParams, FusedTOFUFunction, shard_layout
 from tofu_kernels.tofu import tofu_fwd, tofu_fwd_torch
 from tofu_kernels.utils import (
     KERNEL_DTYPES,
@@ -292,6 +292,7 @@ def fused_linear_tofu_loss(
     accum_dtype: torch.dtype | None = torch.float32,
     drop_ignored: bool | None = None,
     filter_eps: float | None = None,
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TOFUStats]:
     r"""TOFU loss of an LM head, without materializing the ``(tokens, vocabulary)`` logits.
 
@@ -325,6 +326,11 @@ def fused_linear_tofu_loss(
             ``filter_eps`` times the batch's largest focal weight ``g * |scale|`` (confident
             tokens, far-off vocabulary tiles). None: ``2**-12`` for bf16/fp16, exact zeros only for
             fp32; 0 disables it.
+        process_group: vocabulary parallel. ``weight`` (and ``bias``) are then this rank's
+            contiguous shard of the vocabulary (shards in rank order, any sizes), ``labels`` hold
+            global ids, and ``hidden`` is the same on every rank. Every rank gets the global
+            loss, the gradient of its shard and the full ``grad_hidden``. Runs on the fused
+            impl (GPU, or ``TRITON_INTERPRET=1``); the shard layout is gathered once and cached.
         return_stats: also return :class:`TOFUStats`.
 
     Returns:
@@ -378,9 +384,19 @@ def fused_linear_tofu_loss(
                 f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}; cast them to one "
                 "dtype or run under torch.autocast"
             )
+    vocab_offset, vocab = 0, weight.shape[0]
+    if process_group is not None:
+        if impl not in ("auto", "fused") or not use_triton("auto", hidden.device, hidden.dtype):
+            raise ValueError(
+                "process_group (vocabulary parallel) runs on impl='fused', which needs CUDA "
+                f"tensors (or TRITON_INTERPRET=1) of {KERNEL_DTYPES}; got impl={impl!r} and "
+                f"{hidden.dtype} on {hidden.device}"
+            )
+        impl = "fused"
+        vocab_offset, vocab = shard_layout(weight.shape[0], process_group)
     if impl in ("chunked", "fused") and hidden.dtype not in KERNEL_DTYPES:
         raise TypeError(f"impl={impl!r} takes {KERNEL_DTYPES} inputs, got {hidden.dtype}")
-    check_label_range(labels, weight.shape[0], ignore_index)
+    check_label_range(labels, vocab, ignore_index)
 
     if drop_ignored is None:
         drop_ignored = hidden.device.type == "cpu"
@@ -393,7 +409,7 @@ def fused_linear_tofu_loss(
     )
     with torch.autocast(device_type, enabled=False):
         if impl == "fused":
-            fused = FusedParams(tofu, filter_eps)
+            fused = FusedParams(tofu, filter_eps, process_group, vocab_offset, vocab)
             loss, row_stats = FusedTOFUFunction.apply(
                 hidden, weight, bias, labels, num_items_in_batch, fused, needs
             )
