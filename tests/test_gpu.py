@@ -55,3 +55,68 @@ def test_fused_linear_llama3_head_bf16_against_oracle(frozen, impl):
         assert_close(w.grad, gw, 2e-2, "grad_weight")
     else:
         assert w.grad is None
+
+
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_no_host_device_sync_in_the_hot_path(impl):
+    x = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(32000, 512, device="cuda") / 20).to(torch.bfloat16).requires_grad_(True)
+    y = random_labels((1024,), 32000, "cuda", ignored=0.3)
+    fused_linear_tofu_loss(x, w, y, impl=impl).backward()  # compile and cache outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for kwargs in ({}, {"num_items_in_batch": 700}, {"reduction": "none"}):
+            loss = fused_linear_tofu_loss(x, w, y, impl=impl, **kwargs)
+            loss.sum().backward()
+        logits = (x.detach() @ w.detach().T).requires_grad_(True)
+        tofu_loss(logits, y, impl="triton").backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_cuda_graph_capture_of_a_training_step(impl):
+    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(10000, 256, device="cuda") / 16).to(torch.bfloat16).requires_grad_(True)
+    y = random_labels((512,), 10000, "cuda", ignored=0.3)
+
+    def step():
+        loss = fused_linear_tofu_loss(x, w, y, impl=impl)
+        return (loss, *torch.autograd.grad(loss, (x, w)))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    with torch.no_grad():  # new inputs in the captured buffers, then replay
+        x.copy_(torch.randn_like(x))
+        y.copy_(random_labels((512,), 10000, "cuda", ignored=0.3))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for got, want in zip(static, eager, strict=True):
+        assert_close(got, want, 1e-2, "replayed graph vs eager")
+
+
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_inductor_fullgraph_matches_eager(impl):
+    x = torch.randn(2, 256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(32000, 512, device="cuda") / 20).to(torch.bfloat16).requires_grad_(True)
+    y = random_labels((2, 256), 32000, "cuda", ignored=0.3)
+
+    def step(x, w, y):
+        return fused_linear_tofu_loss(torch.tanh(x), w, y, impl=impl)
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        loss = fn(x, w, y)
+        results.append((loss, *torch.autograd.grad(loss, (x, w))))
+    for got, want in zip(results[1], results[0], strict=True):
+        assert_close(got, want, 1e-2, "inductor vs eager")

@@ -127,8 +127,10 @@ def reduction_scale(
         return None
     if num_items_in_batch is None:
         denom = (labels != params.ignore_index).sum()
-    else:
-        denom = torch.as_tensor(num_items_in_batch, device=labels.device)
+    elif isinstance(num_items_in_batch, torch.Tensor):
+        denom = num_items_in_batch
+    else:  # a fill, not a host-to-device copy (which would synchronize)
+        denom = torch.full((), float(num_items_in_batch), device=labels.device, dtype=dtype)
     return 1.0 / denom.to(device=labels.device, dtype=dtype).clamp(min=1.0)
 
 
