@@ -1,0 +1,215 @@
+"""The benchmark harness end to end at its smoke preset (tiny shapes, CPU, Triton interpreted).
+
+It checks the plumbing and the schema, not speed: timings are never asserted. Each provider's loss
+is checked against float64 by the harness itself (status "error: mismatch ..." otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tofu_kernels.linear_tofu import LINEAR_IMPLS
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = {
+    "provider": str,
+    "loss": str,
+    "tokens": int,
+    "hidden": int,
+    "vocab": int,
+    "dtype": str,
+    "mode": str,
+    "weight_grad": bool,
+    "ms": (float, type(None)),
+    "ms_p20": (float, type(None)),
+    "ms_p80": (float, type(None)),
+    "peak_mem_mb": (float, type(None)),
+    "status": str,
+    "device": str,
+    "torch": str,
+    "triton": str,
+}
+EXPECTED = {
+    "tofu": {f"tofu_kernels/{i}" for i in LINEAR_IMPLS if i != "auto"}
+    | {"torch_eager", "torch_compile", "gemm_floor"},
+    "ce": {f"tofu_kernels/{i}" for i in LINEAR_IMPLS if i != "auto"}
+    | {"liger", "liger_fp32", "cce", "torch_native", "torch_eager", "gemm_floor"},
+}
+# Must run wherever the smoke preset runs (the others may lack a package or a CUDA device).
+MUST_BE_OK = {"tofu_kernels/chunked", "tofu_kernels/torch", "torch_eager", "gemm_floor"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[Path, Path, list[dict]]:
+    out = tmp_path_factory.mktemp("bench")
+    published = out / "published"
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    cmd = [sys.executable, "bench/run.py", "--preset", "smoke", "--out", str(out)]
+    proc = subprocess.run(
+        [*cmd, "--publish", str(published)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,  # about 30 s on 2 idle cores; generous for a loaded CI machine
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, published, json.loads((out / "results.json").read_text())
+
+
+def test_schema(smoke):
+    _, _, rows = smoke
+    assert rows
+    for row in rows:
+        for key, kind in FIELDS.items():
+            assert isinstance(row[key], kind), (key, row)
+        assert row["loss"] in ("tofu", "ce")
+        assert row["mode"] in ("fwd", "fwd_bwd")
+        status = row["status"]
+        assert status in ("ok", "oom", "unavailable") or status.startswith("error: "), row
+        if status == "ok":
+            assert row["ms"] > 0 and row["ms_p20"] <= row["ms"] <= row["ms_p80"], row
+        if not torch.cuda.is_available():
+            assert row["device"] == "cpu" and row["peak_mem_mb"] is None
+
+
+def test_every_provider_has_a_row_per_case(smoke):
+    _, _, rows = smoke
+    cases = {(r["case"], r["tokens"]) for r in rows}
+    assert len(cases) >= 3
+    for case in cases:
+        for loss, expected in EXPECTED.items():
+            got = {
+                r["provider"]
+                for r in rows
+                if (r["case"], r["tokens"]) == case and r["loss"] == loss
+            }
+            assert got >= expected, (case, loss, expected - got)
+    modes = {(r["mode"], r["weight_grad"]) for r in rows}
+    assert {("fwd_bwd", True), ("fwd_bwd", False), ("fwd", False)} <= modes
+
+
+def test_losses_agree(smoke):
+    """No mismatch against float64, the core providers all ran, and every ok loss is close."""
+    _, _, rows = smoke
+    bad = [r for r in rows if r["status"].startswith("error: mismatch")]
+    assert not bad, bad
+    for r in rows:
+        if r["provider"] in MUST_BE_OK:
+            assert r["status"] == "ok", r
+        if r["status"] == "ok" and r["provider"] != "gemm_floor":
+            assert r["loss_value"] == pytest.approx(r["ref_loss"], rel=2e-2), r
+    # The same case's ok providers agree with each other, not only with the reference.
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["status"] == "ok" and r["loss_value"] is not None:
+            groups.setdefault((r["case"], r["tokens"], r["loss"]), []).append(r["loss_value"])
+    for key, values in groups.items():
+        assert max(values) - min(values) <= 4e-2 * abs(min(values)), (key, values)
+
+
+def test_reports_and_published_copies(smoke):
+    out, published, rows = smoke
+    md = (out / "results.md").read_text()
+    assert "Headline" in md and "| provider |" in md
+    assert rows[0]["torch"] in md and rows[0]["triton"] in md
+    pngs = sorted(out.glob("*.png"))
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+    # bench/results/<card>-<yyyymmdd>.json with its report and plots
+    stamp = rows[0]["date"].replace("-", "")
+    names = {p.name for p in published.iterdir()}
+    copies = [n for n in names if n.endswith(f"-{stamp}.json")]
+    assert len(copies) == 1, names
+    if rows[0]["device"] == "cpu":
+        assert copies == [f"cpu-{stamp}.json"]
+    prefix = copies[0].removesuffix(".json")
+    assert f"{prefix}.md" in names
+    assert {f"{prefix}-{p.name}" for p in pngs} <= names
+
+
+def test_report_only_rebuilds_from_json(smoke, tmp_path):
+    """A run whose machine lacked matplotlib (or was killed) is reported from results.json."""
+    out, _, rows = smoke
+    (tmp_path / "results.json").write_text((out / "results.json").read_text())
+    cmd = [sys.executable, "bench/run.py", "--preset", "smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [*cmd, "--report-only"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("Goal")  # the headline is last
+    assert rows[0]["device"] in (tmp_path / "results.md").read_text()
+    assert list(tmp_path.glob("*.png"))
+
+
+def test_failures_become_rows(monkeypatch, tmp_path):
+    """Unavailable, out of memory, an exception, a wrong loss, a stuck provider and a spent
+    budget each give a row with its status; the run itself never fails."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    run = importlib.import_module("run")
+    providers = importlib.import_module("providers")
+
+    def ce(h, w, y):
+        return torch.nn.functional.cross_entropy((h @ w.t()).float(), y)
+
+    def raising(exc):
+        def fn(h, w, y):
+            raise exc
+
+        return fn
+
+    def unavailable(case, loss):
+        raise providers.Unavailable("not here")
+
+    def slow(h, w, y):
+        time.sleep(5)
+
+    behaviours = {
+        "fine": ce,
+        "oom": raising(torch.cuda.OutOfMemoryError("CUDA out of memory")),
+        "boom": raising(RuntimeError("bad input\nsecond line")),
+        "wrong": lambda h, w, y: 2 * ce(h, w, y),
+        "slow": slow,
+    }
+    fakes = [
+        providers.Provider(name, ("ce",), lambda case, loss, fn=fn: fn)
+        for name, fn in behaviours.items()
+    ]
+    fakes.append(providers.Provider("missing", ("ce",), unavailable))
+    case = run.Case("t", 8, 16, 4)
+    preset = dataclasses.replace(run.PRESETS["smoke"], cases=(case,), provider_timeout_s=1)
+
+    status = {r["provider"]: r["status"] for r in run.run(preset, fakes, None, tmp_path)}
+    assert status["fine"] == "ok"
+    assert status["oom"] == "oom"
+    assert status["boom"] == "error: RuntimeError: bad input"
+    assert status["wrong"].startswith("error: mismatch")
+    assert status["slow"] == "error: TimeoutError: timeout after 1 s"
+    assert status["missing"] == "unavailable"
+    assert json.loads((tmp_path / "results.json").read_text())  # written after every case
+
+    late = run.run(preset, fakes[:1], 1e-9, tmp_path)
+    assert [(r["status"], r["note"]) for r in late] == [
+        ("unavailable", "skipped: time budget spent")
+    ]
+
+
+def test_card_names(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    report = importlib.import_module("report")
+    assert report.card_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert report.card_slug("NVIDIA H200") == "h200"
+    assert report.card_slug("cpu") == "cpu"
