@@ -1,0 +1,393 @@
+"""Hugging Face integration: patched causal LMs against the published loss on their own logits.
+
+Tiny random models from configs (nothing is downloaded). The oracle of every loss is the paper's
+published formula applied to the *unpatched* model's logits with transformers' causal shift; the
+oracle of every gradient is autograd through it. Token counts stay small: without a GPU the TOFU
+kernel runs through Triton's interpreter, one program per token. Training-loop tests use
+``impl="torch"`` (the same chunked algorithm, TOFU rows in PyTorch): they test the integration
+with Trainer, not the kernel, which the equivalence tests here and the kernel tests cover.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+import tofu_kernels
+from tofu_kernels.hf import (
+    HEAD_SPECS,
+    HeadSpec,
+    UnsupportedModelError,
+    apply_tofu_kernel,
+    get_tofu_stats,
+    is_tofu_patched,
+    register_head_spec,
+    revert_tofu_kernel,
+    shift_labels,
+    tofu_loss_func,
+    use_tofu_kernel,
+)
+from tofu_kernels.reference import tofu_loss_published
+
+VOCAB = 256
+GAMMA, BETA = 3.0, 0.8
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    # Large weights: peaked, non-uniform predictions, and logits big enough for softcap to matter.
+    initializer_range=0.5,
+)
+# name -> (config class, model class, config overrides)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"head_dim": 8, "final_logit_softcapping": 2.0},
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {"head_dim": 8, "final_logit_softcapping": 2.0},
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True},
+    ),
+}
+ISSUE_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
+
+
+def tiny_model(arch: str, device, dtype=torch.float32, **overrides) -> nn.Module:
+    config_cls, model_cls, extra = ARCHS[arch]
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
+    model = getattr(transformers, model_cls)(config)
+    return model.to(device=device, dtype=dtype).train()
+
+
+def batch(device, shape=(2, 8)):
+    ids = torch.randint(3, VOCAB, shape, device=device)
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt
+    labels[1, -2:] = -100  # padding
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    return ids, mask, labels
+
+
+def published(model, ids, mask, labels, num_items=None, **forward_kwargs):
+    """The oracle: the published loss on the unpatched model's logits, with the causal shift."""
+    logits = model(input_ids=ids, attention_mask=mask, **forward_kwargs).logits
+    targets = forward_kwargs.get("shift_labels")
+    targets = shift_labels(labels) if targets is None else targets
+    return tofu_loss_published(logits, targets, GAMMA, BETA, num_items_in_batch=num_items), logits
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_grads_close(actual, expected, rtol=1e-4):
+    assert actual.keys() == expected.keys()
+    for name, g in expected.items():
+        scale = g.abs().max().clamp(min=1e-12)
+        err = ((actual[name].float() - g.float()).abs().max() / scale).item()
+        assert err < rtol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("arch", ISSUE_ARCHS)
+def test_loss_and_gradients_match_published(arch, device):
+    model = tiny_model(arch, device)
+    ids, mask, labels = batch(device)
+    ref, ref_logits = published(model, ids, mask, labels)
+    ref.backward()
+    ref_grads = grads(model)
+
+    apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert isinstance(out, CausalLMOutputWithPast) and out.logits is None
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-5, atol=0)
+    out.loss.backward()
+    assert_grads_close(grads(model), ref_grads)
+
+    # num_items_in_batch (gradient accumulation): the sum over this batch's tokens divided by it.
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=37)
+    ref37, _ = published(model, ids, mask, labels, num_items=37)
+    torch.testing.assert_close(out.loss, ref37.detach(), rtol=1e-5, atol=0)
+
+    # Evaluation: same logits, TOFU on them.
+    with torch.no_grad():
+        model.eval()
+        evaluated = model(input_ids=ids, attention_mask=mask, labels=labels)
+        model.train()
+    torch.testing.assert_close(evaluated.logits, ref_logits.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(evaluated.loss, ref.detach(), rtol=1e-5, atol=0)
+
+    revert_tofu_kernel(model)
+    assert "forward" not in vars(model) and not is_tofu_patched(model)
+    ce = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    hf = model.loss_function(ref_logits, labels, VOCAB)
+    torch.testing.assert_close(ce, hf, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["cohere", "granite", "mixtral"])
+def test_registry_and_moe_losses(arch, device):
+    """Cohere's logit_scale and Granite's logits_scaling (registry), Mixtral's router loss."""
+    model = tiny_model(arch, device)
+    ids, mask, labels = batch(device)
+    ref, _ = published(model, ids, mask, labels)
+    out_ref = model(input_ids=ids, attention_mask=mask)
+    if arch == "mixtral":
+        ref = ref + model.router_aux_loss_coef * out_ref.aux_loss
+    apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
+
+
+def test_inference_and_generate_unchanged(device):
+    model = tiny_model("llama", device)
+    ids, mask, labels = batch(device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    model.eval()
+    gen = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with use_tofu_kernel(model):
+        assert is_tofu_patched(model)
+        with torch.no_grad():
+            same = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(same, logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0), gen
+        )
+        # Eval mode with grad enabled: the model's logits, and a differentiable TOFU loss on them.
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        torch.testing.assert_close(out.logits.detach(), logits, rtol=0, atol=0)
+        ref = tofu_loss_published(logits, shift_labels(labels), GAMMA, BETA)
+        torch.testing.assert_close(out.loss.detach(), ref, rtol=1e-5, atol=0)
+        assert out.loss.requires_grad
+        # Training mode with grad: fused, no logits (labels also found by position).
+        model.train()
+        assert model(input_ids=ids, labels=labels).logits is None
+        assert model(ids, None, None, None, None, labels).logits is None
+    assert not is_tofu_patched(model) and "forward" not in vars(model)
+    assert not model.model._forward_pre_hooks
+
+
+def test_outputs_options(device):
+    model = tiny_model("llama", device)
+    ids, mask, labels = batch(device)
+    ref, ref_logits = published(model, ids, mask, labels)
+    apply_tofu_kernel(model, gamma=GAMMA, beta=BETA, return_logits=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
+    torch.testing.assert_close(out.logits, ref_logits.detach(), rtol=1e-6, atol=1e-6)
+    assert len(out.hidden_states) == 3
+    loss, *rest = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
+    stats = get_tofu_stats(model)
+    assert int(stats.n_tokens) == int((shift_labels(labels) != -100).sum())
+    assert 0 < float(stats.mean_p) < 1 and float(stats.entropy) > 0
+    # Applying again replaces the options.
+    apply_tofu_kernel(model, gamma=0.0, beta=1.0)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is None
+    ce = nn.functional.cross_entropy(ref_logits.flatten(0, 1), shift_labels(labels).flatten())
+    torch.testing.assert_close(out.loss, ce.detach(), rtol=1e-5, atol=0)
+
+
+def test_shift_labels_and_logits_to_keep(device):
+    model = tiny_model("qwen2", device)
+    ids, mask, labels = batch(device)
+    pre_shifted = torch.randint(0, VOCAB, ids.shape, device=device)
+    pre_shifted[:, ::3] = -100
+    ref, _ = published(model, ids, mask, labels, shift_labels=pre_shifted)
+    keep = 5
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    ref_keep = tofu_loss_published(logits, shift_labels(labels[:, -keep:]), GAMMA, BETA)
+    apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, shift_labels=pre_shifted)
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-5, atol=0)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels[:, -keep:], logits_to_keep=keep)
+    torch.testing.assert_close(out.loss, ref_keep.detach(), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="targets for"):
+        model(input_ids=ids, labels=labels, logits_to_keep=keep)
+
+
+def test_tied_and_frozen_heads(device):
+    model = tiny_model("llama", device, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids, mask, labels = batch(device)
+    ref, _ = published(model, ids, mask, labels)
+    ref.backward()
+    ref_grads = grads(model)
+    with use_tofu_kernel(model, gamma=GAMMA, beta=BETA):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert_grads_close(grads(model), ref_grads)
+
+    model = tiny_model("mistral", device)
+    model.lm_head.weight.requires_grad_(False)
+    ref, _ = published(model, ids, mask, labels)
+    ref.backward()
+    ref_grads = grads(model)
+    with use_tofu_kernel(model, gamma=GAMMA, beta=BETA):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    got = grads(model)
+    assert "lm_head.weight" not in got
+    assert_grads_close(got, ref_grads)
+
+
+@pytest.mark.parametrize("where", ["lora_on_lm_head", "modules_to_save"])
+def test_peft_heads(where, device):
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama", device)
+    if where == "lora_on_lm_head":
+        # init_lora_weights=False: B != 0, so the adapter changes the logits from the first step.
+        cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    else:
+        cfg = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    model = peft.get_peft_model(model, cfg)
+    ids, mask, labels = batch(device)
+    ref, _ = published(model, ids, mask, labels)
+    ref.backward()
+    ref_grads = grads(model)
+    assert any("lora_B" in n for n in ref_grads) and "lm_head" in "".join(ref_grads)
+    apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
+    assert is_tofu_patched(model) and is_tofu_patched(model.get_base_model())
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-5, atol=0)
+    out.loss.backward()
+    assert_grads_close(grads(model), ref_grads)
+    with model.disable_adapter():
+        base, _ = published(model, ids, mask, labels)
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss, base, rtol=1e-5, atol=0
+        )
+
+
+def test_bf16_model(device):
+    model = tiny_model("gemma2", device, dtype=torch.bfloat16)
+    ids, mask, labels = batch(device)
+    ref, _ = published(model, ids, mask, labels)
+    ref.backward()
+    ref_grads = grads(model)
+    apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.loss.dtype == torch.float32
+    # Both read bf16 logits; softcap rounds once here and three times in the model's own code.
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=2e-2, atol=0)
+    out.loss.backward()
+    for name, g in grads(model).items():
+        cos = nn.functional.cosine_similarity(
+            g.flatten().float(), ref_grads[name].flatten().float(), 0
+        )
+        assert g.dtype == torch.bfloat16 and cos > 0.98, name
+
+
+class _ScaledConfig(transformers.LlamaConfig):
+    model_type = "tofu_test_scaled"
+
+
+class ScaledForCausalLM(transformers.LlamaForCausalLM):
+    """Doubles its logits after lm_head: an architecture the registry does not know."""
+
+    config_class = _ScaledConfig
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = 2.0 * self.lm_head(hidden)
+        loss = None if labels is None else self.loss_function(logits, labels, VOCAB)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def test_unsupported_models_raise(device):
+    config = transformers.LlamaConfig(**COMMON)
+    for model in (
+        transformers.LlamaForSequenceClassification(config),
+        transformers.LlamaModel(config),
+        nn.Linear(4, 4),
+    ):
+        with pytest.raises(UnsupportedModelError):
+            apply_tofu_kernel(model)
+        assert "forward" not in vars(model)
+
+    model = ScaledForCausalLM(_ScaledConfig(**COMMON)).to(device)
+    with pytest.raises(UnsupportedModelError, match="register_head_spec"):
+        apply_tofu_kernel(model)
+    assert not is_tofu_patched(model) and "forward" not in vars(model)
+
+    register_head_spec("tofu_test_scaled", HeadSpec(scale=lambda m: 2.0))
+    try:
+        ids, mask, labels = batch(device)
+        ref, _ = published(model, ids, mask, labels)
+        apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
+    finally:
+        HEAD_SPECS.pop("tofu_test_scaled")
+
+
+def test_tofu_loss_func(device):
+    model = tiny_model("llama", device)
+    ids, mask, labels = batch(device)
+    loss_func = tofu_loss_func(gamma=GAMMA, beta=BETA)
+    outputs = model(input_ids=ids, attention_mask=mask)
+    for n in (None, 29):
+        ref = tofu_loss_published(
+            outputs.logits, shift_labels(labels), GAMMA, BETA, -100, "mean", n
+        )
+        got = loss_func(outputs, labels, num_items_in_batch=n)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+    apply_tofu_kernel(model)
+    with pytest.raises(ValueError, match="no logits"):
+        loss_func(model(input_ids=ids, labels=labels), labels)
+
+
+def test_deepcopy(device):
+    model = apply_tofu_kernel(tiny_model("llama", device), impl="torch")
+    clone = copy.deepcopy(model)
+    ids, mask, labels = batch(device)
+    assert clone(input_ids=ids, labels=labels).logits is None
+    revert_tofu_kernel(clone)
+    assert is_tofu_patched(model) and not is_tofu_patched(clone)
+    assert model(input_ids=ids, labels=labels).logits is None
+
+
+def test_top_level_exports():
+    for name in ("apply_tofu_kernel", "revert_tofu_kernel", "tofu_loss_func"):
+        assert getattr(tofu_kernels, name) is getattr(tofu_kernels.hf, name)
+
+
+def test_training_lowers_loss(device):
+    torch.manual_seed(0)
+    model = apply_tofu_kernel(tiny_model("llama", device, initializer_range=0.02), impl="torch")
+    ids, mask, labels = batch(device, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses

@@ -1,0 +1,82 @@
+"""A patched model under FSDP2 (``fully_shard``), two CPU processes over gloo.
+
+The fused loss runs inside ``lm_head``'s own call, so FSDP2's all-gather of the head has run when
+it reads the weight, whether the head belongs to the root unit or is a unit of its own. Gradients
+must equal those of the unsharded model averaged over the ranks.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+WORLD = 2
+CASES = [(False, False), (True, False), (False, True)]  # (lm_head its own unit, tied embeddings)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build(tied: bool):
+    import transformers
+
+    from tofu_kernels.hf import apply_tofu_kernel
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+        tie_word_embeddings=tied,
+    )
+    return apply_tofu_kernel(transformers.LlamaForCausalLM(config), impl="torch")
+
+
+def _check(rank: int, separate_head: bool, tied: bool) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
+    ref = _build(tied)
+    ref(input_ids=ids, labels=ids).loss.backward()
+    for p in ref.parameters():
+        dist.all_reduce(p.grad)
+        p.grad /= WORLD
+
+    model = _build(tied)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    if separate_head:
+        fully_shard(model.lm_head)
+    fully_shard(model)
+    model(input_ids=ids, labels=ids).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        err = ((p.grad.full_tensor() - q.grad).abs().max() / q.grad.abs().max()).item()
+        assert err < 1e-5, f"{separate_head=}, {tied=}, {name}: relative error {err:.1e}"
+
+
+def _worker(rank: int, port: int) -> None:
+    url = f"tcp://127.0.0.1:{port}"
+    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=WORLD)
+    try:
+        for separate_head, tied in CASES:
+            _check(rank, separate_head, tied)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups on Linux")
+def test_fsdp2_gradients():
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    torch.multiprocessing.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)

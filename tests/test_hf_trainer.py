@@ -1,0 +1,167 @@
+"""Patched models under Hugging Face's Trainer and TRL's SFTTrainer (tiny, in memory, no downloads).
+
+``impl="torch"`` throughout: these test the integration (gradient accumulation through
+``num_items_in_batch``, the trainers' call paths), not the kernel, and the interpreter would make
+a few training steps take minutes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+from transformers import Trainer, TrainingArguments
+
+from tofu_kernels.hf import apply_tofu_kernel, get_tofu_stats
+
+VOCAB = 64
+
+
+def tiny_llama(device, vocab=VOCAB, seed=0) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=0.3,
+    )
+    return transformers.LlamaForCausalLM(config).to(device)
+
+
+def samples(n=8, length=12):
+    """Rows with different numbers of valid labels, so per-micro-batch means would differ."""
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(3, VOCAB, (length,), generator=gen)
+        labels = ids.clone()
+        labels[: 1 + i] = -100  # prompts of growing length
+        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return rows
+
+
+def first_update(device, tmp_path, batch_size, accumulation):
+    model = apply_tofu_kernel(tiny_llama(device), impl="torch")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"run{accumulation}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        use_cpu=device == "cpu",
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    Trainer(model=model, args=args, train_dataset=samples(), optimizers=(opt, None)).train()
+    return {n: before[n] - p.detach() for n, p in model.named_parameters()}
+
+
+def test_gradient_accumulation_matches_large_batch(device, tmp_path):
+    accumulated = first_update(device, tmp_path, batch_size=2, accumulation=4)
+    large = first_update(device, tmp_path, batch_size=8, accumulation=1)
+    # The same step by hand: SGD at lr 1 moves the parameters by the gradient of the full batch.
+    model = apply_tofu_kernel(tiny_llama(device), impl="torch")
+    rows = samples()
+    full = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
+    model(**full).loss.backward()
+    for name, p in model.named_parameters():
+        scale = p.grad.abs().max().item()
+        for update in (accumulated[name], large[name]):
+            torch.testing.assert_close(update, p.grad, rtol=1e-4, atol=1e-4 * scale)
+
+
+def word_tokenizer(texts):
+    """A word-level tokenizer trained in memory: nothing to download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=special))
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+
+
+TEXTS = [
+    f"question : what is {a} plus {b} ? answer : {a + b} ."
+    for a in range(1, 7)
+    for b in range(1, 5)
+]
+
+
+def sft_setup(device, tmp_path, max_steps):
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    tokenizer = word_tokenizer(TEXTS)
+    model = tiny_llama(device, vocab=len(tokenizer), seed=2)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.bos_token_id = tokenizer.bos_token_id
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        max_length=32,
+        use_cpu=device == "cpu",
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    kwargs = dict(args=args, train_dataset=datasets.Dataset.from_dict({"text": TEXTS}))
+    return trl, model, tokenizer, kwargs
+
+
+def test_sft_trainer_trains_with_tofu(device, tmp_path):
+    trl, model, tokenizer, kwargs = sft_setup(device, tmp_path, max_steps=12)
+    from tofu_kernels.hf import TOFUSFTTrainer
+
+    apply_tofu_kernel(model, gamma=3.0, beta=0.8, impl="torch")
+    trainer = TOFUSFTTrainer(model=model, processing_class=tokenizer, **kwargs)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 12 and all(math.isfinite(h["loss"]) for h in logs)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert {"entropy", "mean_p", "focal_weight", "mean_token_accuracy"} <= logs[0].keys()
+    assert get_tofu_stats(model) is not None  # the loss came from the patched forward
+    metrics = trainer.evaluate(kwargs["train_dataset"].select(range(8)))
+    assert math.isfinite(metrics["eval_loss"]) and "eval_mean_p" in metrics
+
+
+def test_plain_sft_trainer_never_trains_cross_entropy(device, tmp_path):
+    """Recent TRL computes its own loss around the model's forward: that must fail loudly."""
+    trl, model, tokenizer, kwargs = sft_setup(device, tmp_path, max_steps=1)
+    apply_tofu_kernel(model, impl="torch")
+    trainer = trl.SFTTrainer(model=model, processing_class=tokenizer, **kwargs)
+    bypasses = getattr(trl.trainer.utils, "add_fused_lm_head", None) is not None
+    if bypasses:
+        with pytest.raises(RuntimeError, match="TOFUSFTTrainer"):
+            trainer.train()
+    else:  # TRL versions that take the model's own loss train TOFU with the plain trainer
+        trainer.train()
+        assert get_tofu_stats(model) is not None

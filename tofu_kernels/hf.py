@@ -1,0 +1,811 @@
+"""Hugging Face integration: one call makes a causal LM train with the fused TOFU loss.
+
+::
+
+    from tofu_kernels import apply_tofu_kernel
+
+    apply_tofu_kernel(model, gamma=3.0, beta=0.8)   # a loaded *ForCausalLM (or its PEFT wrapper)
+    loss = model(input_ids=ids, labels=ids).loss    # TOFU from the final hidden states, no logits
+
+How it works (one generic mechanism, no copied forward per model): the instance's ``forward`` is
+wrapped. A training forward (``model.training`` and autograd on) with ``labels`` runs the model's
+*own* forward with ``labels=None`` while ``lm_head.forward`` is swapped, for that call only, for a
+function that computes :func:`~tofu_kernels.fused_linear_tofu_loss` from lm_head's input (the
+final hidden states, already cut by ``logits_to_keep``) and returns a zero-width placeholder
+instead of the logits. The model's forward thus keeps all of its argument handling, whatever the
+transformers version, and ``lm_head`` is still entered through its own ``__call__``: module hooks
+(FSDP2's parameter all-gather, accelerate's device hooks) fire around the fused loss, which needs
+no weight in backward (its gradients are made in forward). What a model does to lm_head's output
+before its loss (Gemma-2's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's
+``logits_scaling``) is applied inside the kernel, from a small registry (:data:`HEAD_SPECS`);
+:func:`apply_tofu_kernel` checks it on a 4-token forward, so an architecture that does something
+else raises :class:`UnsupportedModelError` instead of training on a wrong loss.
+
+Forwards without labels, and evaluation forwards with labels (``model.eval()`` or
+``torch.no_grad()``; ``generate``), run unchanged and return the same logits; with labels, their
+loss is TOFU on those logits (through the logits kernel, differentiable). Losses follow
+transformers' ``ForCausalLMLoss``: labels shifted left by one (or a ``shift_labels`` kwarg used as
+given), ``ignore_index``, and the mean over valid tokens or over the ``num_items_in_batch`` that
+``Trainer`` passes under gradient accumulation; a MoE model's ``router_aux_loss_coef * aux_loss``
+is added as its own forward would.
+
+With ``Trainer``, leave ``label_smoothing_factor`` and ``compute_loss_func`` unset: both make
+``Trainer`` compute its own loss from logits. TRL's ``SFTTrainer`` (>= 1.0) computes its own loss
+too; use :class:`TOFUSFTTrainer` (a thin subclass), and a patched model refuses to be bypassed.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tofu_kernels.linear_tofu import fused_linear_tofu_loss
+from tofu_kernels.tofu import tofu_loss
+from tofu_kernels.utils import TOFUParams, TOFUStats
+
+__all__ = [
+    "HEAD_SPECS",
+    "HeadSpec",
+    "UnsupportedModelError",
+    "apply_tofu_kernel",
+    "get_tofu_stats",
+    "is_tofu_patched",
+    "register_head_spec",
+    "revert_tofu_kernel",
+    "shift_labels",
+    "tofu_loss_func",
+    "use_tofu_kernel",
+]
+
+_STATE = "_tofu_state"
+_IMPLS = {"auto": "auto", "triton": "chunked", "torch": "torch"}  # logits impl -> fused impl
+_MISSING = object()
+
+
+class UnsupportedModelError(NotImplementedError):
+    """The model cannot be trained with the fused TOFU loss as it is (nothing was patched)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry: what an architecture does to lm_head's output before its loss
+# ---------------------------------------------------------------------------------------------
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _config_softcap(model: nn.Module) -> float | None:
+    return getattr(_text_config(model), "final_logit_softcapping", None) or None
+
+
+def _no_scale(model: nn.Module) -> float | None:
+    return None
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """How an architecture turns ``z = lm_head(hidden)`` into the logits of its loss.
+
+    The logits are ``softcap * tanh(scale * z / softcap)`` (no tanh when ``softcap`` is None, no
+    factor when ``scale`` is None); both are read from the loaded model when it is patched.
+    """
+
+    scale: Callable[[nn.Module], float | None] = _no_scale
+    softcap: Callable[[nn.Module], float | None] = _config_softcap
+
+
+def _cohere_scale(model: nn.Module) -> float:
+    return float(getattr(model, "logit_scale", None) or _text_config(model).logit_scale)
+
+
+def _granite_scale(model: nn.Module) -> float:
+    return 1.0 / float(_text_config(model).logits_scaling)
+
+
+#: ``config.model_type`` -> :class:`HeadSpec`. Architectures not listed get the default spec
+#: (``final_logit_softcapping`` when the config has it, which covers Gemma 2 and 3), and every
+#: spec is checked against the model's own logits by :func:`apply_tofu_kernel`.
+HEAD_SPECS: dict[str, HeadSpec] = {
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), HeadSpec(scale=_cohere_scale)),
+    **dict.fromkeys(
+        (
+            "granite",
+            "granite_swa",
+            "granitemoe",
+            "granitemoe_swa",
+            "granitemoeshared",
+            "granitemoehybrid",
+        ),
+        HeadSpec(scale=_granite_scale),
+    ),
+}
+
+
+def register_head_spec(model_type: str, spec: HeadSpec) -> None:
+    """Teach :func:`apply_tofu_kernel` an architecture's logit transform (``config.model_type``)."""
+    if not isinstance(spec, HeadSpec):
+        raise TypeError(f"spec must be a HeadSpec, got {type(spec).__name__}")
+    HEAD_SPECS[model_type] = spec
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels and the LM head's operands
+# ---------------------------------------------------------------------------------------------
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Hugging Face's causal shift: position ``t`` predicts ``labels[..., t + 1]``.
+
+    Same shape as ``labels``; the last position gets ``ignore_index``.
+    """
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    # A DTensor (a sharded or tensor-parallel head) is gathered, differentiably.
+    return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def _lora_operands(
+    head: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """PEFT ``lora.Linear``: ``x W^T + b + sum_a s_a (drop_a(x) A_a^T) B_a^T`` as one linear map.
+
+    The low-rank inputs are appended to the hidden states and the ``B`` matrices to the weight, so
+    the fused kernel sees ``[x, u_1, ...] @ [W, B_1, ...]^T``: exact, and gradients reach ``A``,
+    ``B`` and ``x`` through the concatenations (at the cost of one ``(V, H + r)`` weight copy).
+    """
+    base = head.base_layer
+    if not _is_plain_linear(base):
+        raise UnsupportedModelError(
+            f"lm_head is a LoRA layer over {type(base).__name__}; the fused TOFU loss needs an "
+            "nn.Linear base layer (quantized heads are not supported)"
+        )
+    weight, bias = _full(base.weight), _full(base.bias)
+    if head.disable_adapters or head.merged:
+        if head.disable_adapters and head.merged:
+            head.unmerge()  # as PEFT's own forward does
+        return x, weight, bias
+    xs, ws = [x], [weight]
+    variants = getattr(head, "lora_variant", {})
+    use_dora = getattr(head, "use_dora", {})
+    for name in head.active_adapters:
+        if name not in head.lora_A:
+            continue
+        if name in variants or use_dora.get(name, False):
+            raise UnsupportedModelError(
+                f"lm_head's LoRA adapter {name!r} is a variant (DoRA or similar); the fused TOFU "
+                "loss supports plain LoRA on lm_head only"
+            )
+        lora_a, lora_b = head.lora_A[name], head.lora_B[name]
+        s = head.scaling[name]
+        u = lora_a(head.lora_dropout[name](x.to(lora_a.weight.dtype))) * s
+        xs.append(u.to(x.dtype))
+        ws.append(_full(lora_b.weight).to(weight.dtype))
+        if lora_b.bias is not None:
+            extra = _full(lora_b.bias).to(weight.dtype) * s
+            bias = extra if bias is None else bias + extra
+    if len(xs) == 1:
+        return x, weight, bias
+    return torch.cat(xs, dim=-1), torch.cat(ws, dim=1), bias
+
+
+def _head_operands(
+    head: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(hidden, weight, bias)`` with ``head(x) == hidden @ weight.T + bias``."""
+    if hasattr(head, "modules_to_save") and hasattr(head, "original_module"):
+        # PEFT's modules_to_save: the trained copy of the active adapter, else the original.
+        active = list(head.active_adapters)
+        if head.disable_adapters or not active or active[0] not in head.modules_to_save:
+            return _head_operands(head.original_module, x)
+        return _head_operands(head.modules_to_save[active[0]], x)
+    if hasattr(head, "base_layer"):
+        if hasattr(head, "lora_A") and hasattr(head, "lora_B"):
+            return _lora_operands(head, x)
+        raise UnsupportedModelError(
+            f"lm_head is a {type(head).__name__} (a PEFT tuner other than LoRA); the fused TOFU "
+            "loss supports nn.Linear, LoRA and modules_to_save heads"
+        )
+    if not _is_plain_linear(head):
+        raise UnsupportedModelError(
+            f"lm_head is a {type(head).__name__}; the fused TOFU loss needs an nn.Linear head "
+            "(or PEFT LoRA / modules_to_save around one)"
+        )
+    return x, _full(head.weight), _full(head.bias)
+
+
+@contextmanager
+def _swapped_forward(module: nn.Module, fn: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """Replace ``module``'s forward for one call; yields the forward it replaced.
+
+    accelerate's hooks live in an instance ``forward`` that calls ``module._old_forward``: the
+    inner one is swapped then, so the hooks (device moves, offloaded weights) still run.
+    """
+    hooked = hasattr(module, "_hf_hook") and "_old_forward" in vars(module)
+    attr = "_old_forward" if hooked else "forward"
+    previous = vars(module).get(attr, _MISSING)
+    replaced = getattr(module, attr)
+    setattr(module, attr, fn)
+    try:
+        yield replaced
+    finally:
+        if previous is _MISSING:
+            delattr(module, attr)
+        else:
+            setattr(module, attr, previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# The patch
+# ---------------------------------------------------------------------------------------------
+
+
+class _TOFUState:
+    """Per-model options and bookkeeping; lives on the model (``deepcopy`` copies it along)."""
+
+    def __init__(self, **options: Any) -> None:
+        self.gamma: float = options["gamma"]
+        self.beta: float = options["beta"]
+        self.ignore_index: int = options["ignore_index"]
+        self.impl: str = options["impl"]
+        self.chunk_size: int | None = options["chunk_size"]
+        self.return_logits: bool = options["return_logits"]
+        self.softcap: float | None = options["softcap"]
+        self.scale: float | None = options["scale"]
+        self.previous: Any = None  # the instance ``forward`` that was there, if any
+        self.patched: Any = None  # the bound method we installed
+        self.signature: inspect.Signature | None = None
+        self.active = True
+        self.depth = 0  # > 0 while our forward runs (the bypass guard's signal)
+        self.stats: TOFUStats | None = None
+
+
+class _FusedHead:
+    """Stands in for lm_head's forward during one training forward: the loss, not the logits."""
+
+    def __init__(
+        self,
+        head: nn.Module,
+        state: _TOFUState,
+        labels: torch.Tensor,
+        num_items_in_batch: Any,
+    ) -> None:
+        self.head, self.state, self.labels = head, state, labels
+        self.num_items_in_batch = num_items_in_batch
+        self.calls = 0
+        self.loss: torch.Tensor | None = None
+        self.stats: TOFUStats | None = None
+        self.real_forward: Callable[..., torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 1 or args or kwargs:
+            raise UnsupportedModelError(
+                "this model calls lm_head more than once, or with extra arguments, in one forward; "
+                "the fused TOFU loss supports one lm_head(hidden_states) call per forward"
+            )
+        st = self.state
+        hidden, weight, bias = _head_operands(self.head, x)
+        n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        labels = self.labels.to(x.device)
+        if labels.numel() != n_rows:
+            raise ValueError(
+                f"labels give {labels.numel()} targets for {n_rows} positions of hidden states "
+                f"(shape {tuple(x.shape[:-1])} after logits_to_keep)"
+            )
+        if st.scale is not None:
+            # softcap(s * (h W^T + b)) == softcap((s h) W^T + s b): the scale folds into hidden.
+            hidden = hidden * st.scale
+            bias = None if bias is None else bias * st.scale
+        self.loss, self.stats = fused_linear_tofu_loss(
+            hidden,
+            weight,
+            labels.reshape(hidden.shape[:-1]),
+            bias=bias,
+            gamma=st.gamma,
+            beta=st.beta,
+            ignore_index=st.ignore_index,
+            num_items_in_batch=self.num_items_in_batch,
+            softcap=st.softcap,
+            chunk_size=st.chunk_size,
+            impl=_IMPLS[st.impl],
+            return_stats=True,
+        )
+        if st.return_logits:
+            with torch.no_grad():
+                return self.real_forward(x)
+        # The model's own post-processing (softcap, scaling) runs on this empty tensor for free.
+        return x.new_empty((*x.shape[:-1], 0))
+
+
+def _aux_loss(model: nn.Module, out: Mapping[str, Any], loss: torch.Tensor) -> torch.Tensor:
+    """Add a MoE model's weighted router loss, as its forward does when given labels."""
+    aux = out.get("aux_loss")
+    if aux is None:
+        return loss
+    coef = getattr(model, "router_aux_loss_coef", None)
+    if coef is None:
+        coef = getattr(_text_config(model), "router_aux_loss_coef", None)
+    if coef is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} returns aux_loss but has no router_aux_loss_coef"
+        )
+    return loss + coef * aux.to(loss.device)
+
+
+def _tofu_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The patched ``forward`` (module-level, so a deep-copied model keeps working)."""
+    state: _TOFUState | None = vars(self).get(_STATE)
+    original = _original_forward(self, state)
+    if state is None or not state.active:
+        return original(*args, **kwargs)
+    if kwargs.get("fused_lm_head"):
+        raise RuntimeError(_TRL_MESSAGE)
+    bound = state.signature.bind(self, *args, **kwargs)
+    labels = bound.arguments.get("labels")
+    state.depth += 1
+    try:
+        if labels is None:
+            return original(*args, **kwargs)
+        return _forward_with_labels(self, state, original, bound, labels)
+    finally:
+        state.depth -= 1
+
+
+def _original_forward(model: nn.Module, state: _TOFUState | None) -> Callable[..., Any]:
+    if state is not None and state.previous is not None:
+        return state.previous
+    return types.MethodType(type(model).forward, model)
+
+
+def _forward_with_labels(
+    model: nn.Module,
+    state: _TOFUState,
+    original: Callable[..., Any],
+    bound: inspect.BoundArguments,
+    labels: torch.Tensor,
+) -> Any:
+    var_kw = next(
+        (p.name for p in state.signature.parameters.values() if p.kind == p.VAR_KEYWORD), None
+    )
+    extra = bound.arguments.get(var_kw, {}) if var_kw else {}
+    extra = dict(extra)
+    given_shift = extra.get("shift_labels")
+    num_items = extra.get("num_items_in_batch")
+    return_dict = extra.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True) is not False
+    if not return_dict or getattr(model.config, "return_dict", True) is False:
+        extra["return_dict"] = True  # we need the fields by name; the tuple is made below
+    if var_kw:
+        bound.arguments[var_kw] = extra
+    bound.arguments["labels"] = None
+    call_args, call_kwargs = bound.args[1:], bound.kwargs
+    targets = given_shift if given_shift is not None else shift_labels(labels, state.ignore_index)
+
+    if model.training and torch.is_grad_enabled():  # a training forward: no logits
+        head = model.get_output_embeddings()
+        fused = _FusedHead(head, state, targets, num_items)
+        with _swapped_forward(head, fused) as real_forward:
+            fused.real_forward = real_forward
+            out = original(*call_args, **call_kwargs)
+        if fused.calls != 1 or fused.loss is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}'s forward did not call lm_head once (called "
+                f"{fused.calls} times); the fused TOFU loss cannot be computed"
+            )
+        loss, stats = fused.loss, fused.stats
+        keep_logits = state.return_logits
+    else:  # evaluation: the model's own logits, TOFU on them (differentiable if grad is on)
+        out = original(*call_args, **call_kwargs)
+        logits = out["logits"]
+        # The model already applied its softcap / scale to these logits.
+        loss, stats = tofu_loss(
+            logits,
+            targets.to(logits.device).reshape(logits.shape[:-1]),
+            gamma=state.gamma,
+            beta=state.beta,
+            ignore_index=state.ignore_index,
+            num_items_in_batch=num_items,
+            impl=state.impl,
+            return_stats=True,
+        )
+        keep_logits = True
+    if isinstance(out, tuple):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s forward returned a tuple with return_dict=True"
+        )
+    state.stats = stats
+    fields = {k: v for k, v in out.items() if keep_logits or k != "logits"}
+    fields["loss"] = _aux_loss(model, out, loss)
+    result = type(out)(**fields)
+    return result if return_dict else result.to_tuple()
+
+
+_TRL_MESSAGE = (
+    "the model is patched with tofu_kernels.apply_tofu_kernel, but something calls its backbone "
+    "outside the patched forward and computes its own loss from the LM head: TRL's SFTTrainer "
+    "(>= 1.0) adds a fused cross-entropy head and takes its loss from per-token log-probabilities, "
+    "so it would train with cross-entropy, not TOFU. Use tofu_kernels.hf.TOFUSFTTrainer instead "
+    "of trl.SFTTrainer (same arguments), or pass compute_loss_func=tofu_kernels.tofu_loss_func() "
+    "to an unpatched model."
+)
+
+
+def _bypass_guard(state: _TOFUState, owner_forward: Callable[[], Any], module: nn.Module, args):
+    """Backbone pre-hook: refuse a forward that goes around the patched ``forward``.
+
+    Someone who replaced ``model.forward`` on top of ours and calls the backbone directly computes
+    their own loss (TRL's fused cross-entropy head): silent cross-entropy, unless we raise here.
+    """
+    if state.active and state.depth == 0 and owner_forward() is not state.patched:
+        raise RuntimeError(_TRL_MESSAGE)
+
+
+class _OwnerForward:
+    """Reads the owner's instance ``forward`` (deep-copyable, unlike a lambda over the model)."""
+
+    def __init__(self, owner: nn.Module) -> None:
+        self.owner = owner
+
+    def __call__(self) -> Any:
+        return vars(self.owner).get("forward")
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        return get_base()
+    return model
+
+
+def _check_causal_lm(lm: nn.Module) -> nn.Module:
+    name = type(lm).__name__
+    config = getattr(lm, "config", None)
+    if config is None or not callable(getattr(lm, "get_output_embeddings", None)):
+        raise UnsupportedModelError(
+            f"{name} is not a Hugging Face PreTrainedModel; apply_tofu_kernel patches a loaded "
+            "*ForCausalLM (or its PEFT wrapper)"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{name} is an encoder-decoder model; TOFU is patched into "
+                                    "decoder-only causal LMs")  # fmt: skip
+    head = lm.get_output_embeddings()
+    if head is None or not hasattr(lm, "base_model") or lm.base_model is lm:
+        raise UnsupportedModelError(
+            f"{name} has no lm_head and decoder pair; apply_tofu_kernel needs a *ForCausalLM "
+            "whose decoder returns last_hidden_state"
+        )
+    if not _shifts_labels(lm):
+        raise UnsupportedModelError(
+            f"{name} (loss_type={getattr(lm, 'loss_type', None)!r}) does not train with the causal "
+            "LM loss; apply_tofu_kernel replaces ForCausalLMLoss only"
+        )
+    return head
+
+
+def _shifts_labels(lm: nn.Module) -> bool:
+    """True when the model's own loss is transformers' ForCausalLMLoss (as ``Trainer`` decides)."""
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except ImportError:  # pragma: no cover - transformers is how such a model was built
+        return type(lm).__name__.endswith("ForCausalLM")
+    return LOSS_MAPPING.get(getattr(lm, "loss_type", None)) is ForCausalLMLoss
+
+
+def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> None:
+    """One 4-token forward: are the model's logits ``softcap(scale * lm_head(hidden))``?
+
+    Also resolves the head's operands, so an unsupported head fails here, not mid-training.
+    """
+    head = lm.get_output_embeddings()
+    emb = lm.get_input_embeddings()
+    device = emb.weight.device if emb is not None else next(lm.parameters()).device
+    vocab = int(getattr(_text_config(lm), "vocab_size", 0) or 4)
+    ids = (torch.arange(1, 5, device=device) % vocab).unsqueeze(0)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hook = head.register_forward_hook(lambda m, inp, out: seen.append((inp[0], out)))
+    modes = {m: m.training for m in lm.modules()}
+    lm.eval()
+    try:
+        with torch.no_grad():
+            out = original(input_ids=ids, use_cache=False, return_dict=True)
+            if len(seen) != 1:
+                raise UnsupportedModelError(
+                    f"{type(lm).__name__} called lm_head {len(seen)} times in one forward; the "
+                    "fused TOFU loss needs exactly one lm_head(hidden_states) call"
+                )
+            x, z = seen[0]
+            hidden, weight, bias = _head_operands(head, x)
+            z_fused = F.linear(
+                hidden.float(), weight.float(), None if bias is None else bias.float()
+            )
+            expected = z.float() * (1.0 if state.scale is None else state.scale)
+            if state.softcap is not None:
+                expected = state.softcap * torch.tanh(expected / state.softcap)
+            logits = out["logits"].float()
+    finally:
+        hook.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    tol = 1e-4 if z.dtype in (torch.float32, torch.float64) else 3e-2
+    if not _close(z_fused, z.float(), tol):
+        raise UnsupportedModelError(
+            f"lm_head ({type(head).__name__}) does not compute hidden @ weight.T + bias as "
+            "apply_tofu_kernel reads it; its fused loss would be wrong"
+        )
+    if logits.shape != expected.shape or not _close(logits, expected, tol):
+        raise UnsupportedModelError(
+            f"{type(lm).__name__} (model_type={lm.config.model_type!r}) transforms lm_head's "
+            f"output in a way the registry does not describe (scale={state.scale}, "
+            f"softcap={state.softcap}): its fused TOFU loss would be wrong. Describe it with "
+            "tofu_kernels.hf.register_head_spec(model_type, HeadSpec(...))."
+        )
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    atol = tol * max(float(b.abs().max()) if b.numel() else 0.0, 1e-6)
+    return bool(torch.allclose(a, b, rtol=tol, atol=atol))
+
+
+def apply_tofu_kernel(
+    model: nn.Module,
+    *,
+    gamma: float = 3.0,
+    beta: float = 0.8,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    return_logits: bool = False,
+    verify: bool = True,
+) -> nn.Module:
+    """Make a loaded Hugging Face causal LM train with the fused TOFU loss; returns ``model``.
+
+    Patches this instance only (its class and other instances are untouched). Afterwards a training
+    forward (``model.training`` and autograd enabled) with ``labels`` returns ``loss`` = TOFU of
+    the shifted labels, computed by :func:`~tofu_kernels.fused_linear_tofu_loss` from the final
+    hidden states, and ``logits=None``: the ``(tokens, vocabulary)`` logits never exist. Forwards
+    without labels, in eval mode or under ``torch.no_grad()`` (evaluation, ``generate``) are
+    unchanged and return the same logits; with labels their loss is TOFU on those logits. Applying
+    again replaces the options.
+
+    Args:
+        model: a ``*ForCausalLM`` (any architecture with ``lm_head`` and a decoder returning
+            ``last_hidden_state``) or a PEFT model around one. Tied embeddings, a frozen
+            ``lm_head`` (its weight gradient is skipped), PEFT LoRA or ``modules_to_save`` on
+            ``lm_head``, and bf16/fp16 models are supported.
+        gamma, beta, ignore_index: the TOFU options (see :func:`tofu_kernels.tofu_loss`).
+        impl: ``"auto"`` (Triton on GPU, PyTorch on CPU), ``"triton"`` or ``"torch"``.
+        chunk_size: tokens per chunk of the fused loss (default: see ``fused_linear_tofu_loss``).
+        return_logits: also return detached logits from training forwards (costs their memory).
+        verify: run one 4-token forward to check that the model's logits are what the fused loss
+            reads (``softcap(scale * lm_head(hidden))``). Turn off only where the model cannot
+            run a forward yet (parameters on the meta device or partitioned by DeepSpeed ZeRO-3).
+
+    Raises:
+        UnsupportedModelError: for a model that is not a causal LM of this form, a head that is not
+            a (LoRA) linear layer, or logits the registry does not describe (see
+            :func:`register_head_spec`). Nothing is patched then.
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {tuple(_IMPLS)}, got {impl!r}")
+    lm = _causal_lm(model)
+    _check_causal_lm(lm)
+    spec = HEAD_SPECS.get(getattr(lm.config, "model_type", None), HeadSpec())
+    softcap, scale = spec.softcap(lm), spec.scale(lm)
+    TOFUParams(gamma, beta, ignore_index, "mean", softcap, impl)  # validates the options
+    options = {
+        "gamma": float(gamma),
+        "beta": float(beta),
+        "ignore_index": ignore_index,
+        "impl": impl,
+        "chunk_size": chunk_size,
+        "return_logits": bool(return_logits),
+        "softcap": None if softcap is None else float(softcap),
+        "scale": None if scale is None else float(scale),
+    }
+    state: _TOFUState | None = vars(lm).get(_STATE)
+    if state is not None:
+        # Patched before (perhaps reverted under a foreign wrapper): new options, same patch.
+        vars(state).update(options)
+        if verify:
+            _verify(lm, _original_forward(lm, state), state)
+        state.active = True
+        return model
+
+    state = _TOFUState(**options)
+    state.previous = vars(lm).get("forward")
+    state.signature = inspect.signature(type(lm).forward)
+    if verify:
+        _verify(lm, _original_forward(lm, state), state)
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return _tofu_forward(self, *args, **kwargs)
+
+    # The class's signature: Trainer and generate() inspect it (loss kwargs, dataset columns).
+    functools.update_wrapper(forward, type(lm).forward)
+    state.patched = types.MethodType(forward, lm)
+    setattr(lm, _STATE, state)
+    lm.forward = state.patched
+    lm.base_model.register_forward_pre_hook(
+        functools.partial(_bypass_guard, state, _OwnerForward(lm))
+    )
+    return model
+
+
+def revert_tofu_kernel(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_tofu_kernel`: the model's forward is its own again; returns ``model``.
+
+    A no-op on a model that is not patched. Where another wrapper was installed on top of the
+    patch since (accelerate, TRL), the patch stays in place but passes every call through.
+    """
+    lm = _causal_lm(model)
+    state: _TOFUState | None = vars(lm).get(_STATE)
+    if state is None:
+        return model
+    state.active = False
+    if vars(lm).get("forward") is not state.patched:
+        return model  # wrapped since: our forward stays below the wrapper, passing through
+    if state.previous is None:
+        del lm.forward
+    else:
+        lm.forward = state.previous
+    hooks = lm.base_model._forward_pre_hooks
+    for key, hook in list(hooks.items()):
+        if isinstance(hook, functools.partial) and hook.func is _bypass_guard:
+            del hooks[key]
+    delattr(lm, _STATE)
+    return model
+
+
+@contextmanager
+def use_tofu_kernel(model: nn.Module, **options: Any) -> Iterator[nn.Module]:
+    """``with use_tofu_kernel(model, gamma=3.0): ...``: patched inside the block only."""
+    apply_tofu_kernel(model, **options)
+    try:
+        yield model
+    finally:
+        revert_tofu_kernel(model)
+
+
+def is_tofu_patched(model: nn.Module) -> bool:
+    """Whether :func:`apply_tofu_kernel` is in effect on ``model`` (or the model inside it)."""
+    state = vars(_causal_lm(model)).get(_STATE)
+    return state is not None and state.active
+
+
+def get_tofu_stats(model: nn.Module) -> TOFUStats | None:
+    """Statistics of the patched model's last forward with labels (detached, no host sync).
+
+    :class:`~tofu_kernels.TOFUStats`: mean target probability ``mean_p``, ``mean_focal_weight``,
+    predictive ``entropy``, top-1 ``accuracy`` and ``n_tokens``; None before such a forward.
+    """
+    state = vars(_causal_lm(model)).get(_STATE)
+    return None if state is None else state.stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's interface, for models that are not patched
+# ---------------------------------------------------------------------------------------------
+
+
+def tofu_loss_func(
+    gamma: float = 3.0,
+    beta: float = 0.8,
+    *,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> Callable[..., torch.Tensor]:
+    """TOFU as ``Trainer(compute_loss_func=...)``: ``f(outputs, labels, num_items_in_batch=None)``.
+
+    The paper's interface, backed by the logits kernel :func:`tofu_kernels.tofu_loss` with
+    Hugging Face's causal shift. The model computes its logits as usual, so this saves the
+    published loss's float32 copies but not the logits themselves; :func:`apply_tofu_kernel` also
+    saves the logits' memory. Softcapping or scaling is already in the model's logits.
+    """
+    TOFUParams(gamma, beta, ignore_index, "mean", None, impl)  # validates the options
+
+    def compute_loss_func(
+        outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        if labels is None:
+            raise ValueError("tofu_loss_func needs labels")
+        logits = outputs.get("logits") if isinstance(outputs, Mapping) else outputs[0]
+        if logits is None:
+            raise ValueError(
+                "the outputs hold no logits (a model patched by apply_tofu_kernel returns its TOFU "
+                "loss instead: use outputs.loss)"
+            )
+        targets = shift_labels(labels, ignore_index).to(logits.device)
+        return tofu_loss(
+            logits,
+            targets,
+            gamma=gamma,
+            beta=beta,
+            ignore_index=ignore_index,
+            num_items_in_batch=num_items_in_batch,
+            impl=impl,
+        )
+
+    compute_loss_func.__name__ = compute_loss_func.__qualname__ = "tofu_compute_loss_func"
+    return compute_loss_func
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL
+# ---------------------------------------------------------------------------------------------
+
+
+def _make_sft_trainer() -> type:
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class TOFUSFTTrainer(SFTTrainer):
+        """TRL's ``SFTTrainer`` training a model patched by :func:`apply_tofu_kernel`.
+
+        Same arguments as ``SFTTrainer``. The loss is the patched model's fused TOFU loss
+        (``Trainer``'s own ``compute_loss``, with ``num_items_in_batch``), where recent TRL
+        versions would compute cross-entropy from their own fused head. TRL's ``entropy`` and
+        ``mean_token_accuracy`` metrics come from the kernel's statistics, with ``mean_p`` and
+        ``focal_weight`` added.
+        """
+
+        def __init__(self, model: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(model, *args, **kwargs)
+            if not is_tofu_patched(self.model):
+                raise ValueError(
+                    "TOFUSFTTrainer needs a model patched by tofu_kernels.apply_tofu_kernel(model)"
+                )
+
+        def compute_loss(
+            self,
+            model: nn.Module,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            inputs = {**inputs, "use_cache": False}
+            loss, outputs = Trainer.compute_loss(
+                self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            stats = get_tofu_stats(self.model)
+            metrics = getattr(self, "_metrics", None)
+            mode = "train" if self.model.training else "eval"
+            if stats is not None and isinstance(metrics, Mapping) and mode in metrics:
+                for key, value in (
+                    ("entropy", stats.entropy),
+                    ("mean_token_accuracy", stats.accuracy),
+                    ("mean_p", stats.mean_p),
+                    ("focal_weight", stats.mean_focal_weight),
+                ):
+                    metrics[mode].setdefault(key, []).append(float(value))
+            return (loss, outputs) if return_outputs else loss
+
+    return TOFUSFTTrainer
+
+
+def __getattr__(name: str) -> Any:
+    # TOFUSFTTrainer subclasses trl.SFTTrainer: built on first use, so trl stays optional.
+    if name == "TOFUSFTTrainer":
+        cls = _make_sft_trainer()
+        cls.__module__ = __name__
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
