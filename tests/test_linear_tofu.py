@@ -365,3 +365,14 @@ def test_none_reduction_summed_by_the_caller(device, impl):
     fused_linear_tofu_loss(x, w, y, reduction="none", impl=impl, chunk_size=4).sum().backward()
     _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, reduction="sum")
     assert rel_err(x.grad, gx) < 1e-5 and rel_err(w.grad, gw) < 1e-5
+
+
+def test_none_reduction_backward_twice_accumulates(device):
+    """ "none" recomputes from its saved inputs: a retained graph gives the same gradient twice."""
+    x, w, _, y = make_inputs((9,), 37, 301, torch.float32, device)
+    x.requires_grad_(True)
+    loss = fused_linear_tofu_loss(x, w, y, reduction="none", impl="chunked").sum()
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    assert rel_err(x.grad, 2 * first) < 1e-6

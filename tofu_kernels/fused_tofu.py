@@ -19,7 +19,13 @@ import triton
 import triton.language as tl
 
 from tofu_kernels.tofu import _cap, tofu_row_terms
-from tofu_kernels.utils import TOFUParams, interpreting, reduce_loss, reduction_scale
+from tofu_kernels.utils import (
+    TOFUParams,
+    check_backward,
+    interpreting,
+    reduce_loss,
+    reduction_scale,
+)
 
 # Fixed launch configs (untuned: no GPU has measured them yet). Autotuning is not wired in.
 FWD_CONFIG = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
@@ -559,10 +565,7 @@ class FusedTOFUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor | None):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fused_linear_tofu_loss does not support double backward (create_graph=True)"
-            )
+        check_backward(ctx, "fused_linear_tofu_loss", consumes=False)  # inputs are only read
         x, w, bias, y, rowterms, scale = ctx.saved_tensors
         # contiguous: a grad_output from .sum() is an expanded, stride-0 view
         grad_scale = grad_loss.reshape(-1).to(torch.float32).contiguous()

@@ -20,6 +20,7 @@ from tofu_kernels.utils import (
     TORCH_DTYPES,
     TOFUParams,
     TOFUStats,
+    check_backward,
     check_label_range,
     check_labels,
     check_num_items,
@@ -237,7 +238,6 @@ class LinearTOFUFunction(torch.autograd.Function):
         ctx.params, ctx.needs, ctx.deferred = params, needs, deferred
         ctx.compute_dtype = compute_dtype
         ctx.hidden_shape = hidden.shape
-        ctx.consumed = False
         if deferred:
             ctx.save_for_backward(x, weight, bias, y)
         else:
@@ -247,16 +247,8 @@ class LinearTOFUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor | None):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fused_linear_tofu_loss does not support double backward (create_graph=True)"
-            )
-        if ctx.consumed:
-            raise RuntimeError(
-                "fused_linear_tofu_loss: backward ran twice through the same graph; its stored "
-                "gradients are scaled in place and freed. Recompute the loss for a second backward."
-            )
-        ctx.consumed = True
+        # "none" recomputes from saved inputs, so only mean/sum consume their gradients
+        check_backward(ctx, "fused_linear_tofu_loss", consumes=not ctx.deferred)
         if ctx.deferred:
             x, weight, bias, y = ctx.saved_tensors
             # contiguous: a grad_output from .sum() is an expanded, stride-0 view

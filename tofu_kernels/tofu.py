@@ -11,6 +11,7 @@ from tofu_kernels.utils import (
     TORCH_DTYPES,
     TOFUParams,
     TOFUStats,
+    check_backward,
     check_label_range,
     check_labels,
     check_num_items,
@@ -324,21 +325,13 @@ class TOFULossFunction(torch.autograd.Function):
         scale = reduction_scale(y, params, num_items_in_batch, loss_rows.dtype)
         ctx.params = params
         ctx.logits_shape = logits.shape
-        ctx.consumed = False
         ctx.save_for_backward(grad, scale)
         ctx.mark_non_differentiable(row_stats)
         return reduce_loss(loss_rows, labels.shape, params, scale), row_stats
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor | None):
-        if torch.is_grad_enabled():  # create_graph=True: the stored gradient has no graph
-            raise RuntimeError("tofu_loss does not support double backward (create_graph=True)")
-        if ctx.consumed:
-            raise RuntimeError(
-                "tofu_loss: backward ran twice through the same graph; its stored gradient is "
-                "scaled in place and freed. Recompute the loss for a second backward."
-            )
-        ctx.consumed = True
+        check_backward(ctx, "tofu_loss", consumes=True)
         grad, scale = ctx.saved_tensors
         grad.mul_(grad_multiplier(grad_loss, scale, torch.promote_types(grad.dtype, torch.float32)))
         return grad.view(ctx.logits_shape), None, None, None, None

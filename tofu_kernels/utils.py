@@ -158,6 +158,23 @@ def grad_multiplier(
     return factor.reshape(-1, 1)
 
 
+def check_backward(ctx, op: str, *, consumes: bool) -> None:
+    """Refuse what a gradient-in-forward backward cannot do, with a clear error.
+
+    Double backward (``create_graph=True``): the gradient was computed without a graph. A second
+    backward through the same graph where the stored gradient is scaled in place (``consumes``).
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op} does not support double backward (create_graph=True)")
+    if consumes:
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                f"{op}: backward ran twice through the same graph; its stored gradients are "
+                "scaled in place and freed. Recompute the loss for a second backward."
+            )
+        ctx.consumed = True
+
+
 @dataclass
 class TOFUStats:
     """Detached fp32 statistics over the valid tokens of one call (0-dim tensors, no host sync)."""
