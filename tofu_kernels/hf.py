@@ -67,7 +67,14 @@ __all__ = [
 ]
 
 _STATE = "_tofu_state"
-_IMPLS = {"auto": "auto", "triton": "chunked", "torch": "torch"}  # logits impl -> fused impl
+# impl option -> (impl of fused_linear_tofu_loss in training, impl of tofu_loss on eval logits)
+_IMPLS = {
+    "auto": ("auto", "auto"),
+    "triton": ("chunked", "triton"),
+    "chunked": ("chunked", "triton"),
+    "fused": ("fused", "triton"),
+    "torch": ("torch", "torch"),
+}
 _MISSING = object()
 
 
@@ -324,7 +331,7 @@ class _FusedHead:
             num_items_in_batch=self.num_items_in_batch,
             softcap=st.softcap,
             chunk_size=st.chunk_size,
-            impl=_IMPLS[st.impl],
+            impl=_IMPLS[st.impl][0],
             return_stats=True,
         )
         if st.return_logits:
@@ -423,7 +430,7 @@ def _forward_with_labels(
             beta=state.beta,
             ignore_index=state.ignore_index,
             num_items_in_batch=num_items,
-            impl=state.impl,
+            impl=_IMPLS[state.impl][1],
             return_stats=True,
         )
         keep_logits = True
@@ -592,7 +599,9 @@ def apply_tofu_kernel(
             ``lm_head`` (its weight gradient is skipped), PEFT LoRA or ``modules_to_save`` on
             ``lm_head``, and bf16/fp16 models are supported.
         gamma, beta, ignore_index: the TOFU options (see :func:`tofu_kernels.tofu_loss`).
-        impl: ``"auto"`` (Triton on GPU, PyTorch on CPU), ``"triton"`` or ``"torch"``.
+        impl: ``"auto"`` (Triton on GPU, PyTorch on CPU), ``"chunked"`` (alias ``"triton"``),
+            ``"fused"`` or ``"torch"``: the impl of the fused loss in training (see
+            :func:`~tofu_kernels.fused_linear_tofu_loss`); eval logits use the logits kernel.
         chunk_size: tokens per chunk of the fused loss (default: see ``fused_linear_tofu_loss``).
         return_logits: also return detached logits from training forwards (costs their memory).
         verify: run one 4-token forward to check that the model's logits are what the fused loss
@@ -610,7 +619,7 @@ def apply_tofu_kernel(
     _check_causal_lm(lm)
     spec = HEAD_SPECS.get(getattr(lm.config, "model_type", None), HeadSpec())
     softcap, scale = spec.softcap(lm), spec.scale(lm)
-    TOFUParams(gamma, beta, ignore_index, "mean", softcap, impl)  # validates the options
+    TOFUParams(gamma, beta, ignore_index, "mean", softcap, _IMPLS[impl][1])  # validates them
     options = {
         "gamma": float(gamma),
         "beta": float(beta),
