@@ -47,12 +47,12 @@ class Provider:
     has_loss: bool = True
 
 
-def _tofu_kernels(impl: str) -> Callable[[CaseInfo, str], LossFn]:
+def _tofu_kernels(impl: str, **options) -> Callable[[CaseInfo, str], LossFn]:
     def build(case: CaseInfo, loss: str) -> LossFn:
         gamma, beta = LOSS_PARAMS[loss]
 
         def fn(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return fused_linear_tofu_loss(h, w, y, gamma=gamma, beta=beta, impl=impl)
+            return fused_linear_tofu_loss(h, w, y, gamma=gamma, beta=beta, impl=impl, **options)
 
         return fn
 
@@ -156,6 +156,16 @@ def all_providers() -> list[Provider]:
         Provider(f"tofu_kernels/{impl}", ("tofu", "ce"), _tofu_kernels(impl))
         for impl in LINEAR_IMPLS
         if impl != "auto"
+    ]
+    # The chunked impl's two memory/speed knobs, to choose its defaults from measurements:
+    # grad_weight accumulated in bf16 (Liger's default), and chunks 8x the default's rows.
+    ours += [
+        Provider(
+            "tofu_kernels/chunked-bf16acc", ("tofu",), _tofu_kernels("chunked", accum_dtype=None)
+        ),
+        Provider(
+            "tofu_kernels/chunked-c2048", ("tofu",), _tofu_kernels("chunked", chunk_size=2048)
+        ),
     ]
     return ours + [
         Provider("liger", ("ce",), _liger(accum_fp32=False)),
