@@ -121,6 +121,11 @@ def test_oracle_non_contiguous_and_3d(device):
     check(device, logits=random_logits((3, 4, 127), torch.bfloat16, device), reduction="none")
 
 
+def test_largest_vocabulary(device):
+    """V = 262144, the largest vocabulary the kernel is specified for: 64 tiles per row."""
+    check(device, shape=(3,), vocab=262144, dtype=torch.bfloat16, reduction="none", ignored=0.0)
+
+
 def test_zero_and_negative_grad_output(device):
     logits = random_logits((6, 127), torch.float32, device).requires_grad_(True)
     labels = random_labels((6,), 127, device)
