@@ -100,28 +100,30 @@ def _fused_fwd_kernel(
     found = tl.zeros((BLOCK_N,), tl.float32)
     t_start = split * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(V, BLOCK_V))
-    t_end = tl.where(tl.max(valid.to(tl.int32), axis=0) > 0, t_end, t_start)  # all ignored: skip
-    for t in range(t_start, t_end):
-        cols = t * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        z = _logits_tile(
-            x_ptr, w_ptr, b_ptr, rows64, cols.to(tl.int64), row_mask, col_mask, H, stride_xn,
-            stride_wv, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_K,
-        )  # fmt: skip
-        z = tl.where(col_mask[None, :], z, -float("inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        zm = z - m_new[:, None]
-        e1 = tl.exp(zm)
-        eb = tl.exp(zm * inv_beta)
-        is_y = cols[None, :] == y[:, None]
-        sz = alpha * (sz + (m - m_new) * s1) + tl.sum(tl.where(col_mask[None, :], e1 * zm, 0.0), 1)
-        s1 = alpha * s1 + tl.sum(e1, axis=1)
-        s1x = alpha * s1x + tl.sum(tl.where(is_y, 0.0, e1), axis=1)
-        sbx = tl.exp((m - m_new) * inv_beta) * sbx + tl.sum(tl.where(is_y, 0.0, eb), axis=1)
-        zy += tl.sum(tl.where(is_y, z, 0.0), axis=1)
-        found += tl.sum(is_y.to(tl.float32), axis=1)
-        m = m_new
+    if tl.max(valid.to(tl.int32), axis=0) > 0:  # a block of ignored rows skips its tiles
+        for t in range(t_start, t_end):
+            cols = t * BLOCK_V + tl.arange(0, BLOCK_V)
+            col_mask = cols < V
+            z = _logits_tile(
+                x_ptr, w_ptr, b_ptr, rows64, cols.to(tl.int64), row_mask, col_mask, H, stride_xn,
+                stride_wv, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_K,
+            )  # fmt: skip
+            z = tl.where(col_mask[None, :], z, -float("inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            alpha = tl.exp(m - m_new)
+            zm = z - m_new[:, None]
+            e1 = tl.exp(zm)
+            eb = tl.exp(zm * inv_beta)
+            is_y = cols[None, :] == y[:, None]
+            sz = alpha * (sz + (m - m_new) * s1) + tl.sum(
+                tl.where(col_mask[None, :], e1 * zm, 0.0), 1
+            )
+            s1 = alpha * s1 + tl.sum(e1, axis=1)
+            s1x = alpha * s1x + tl.sum(tl.where(is_y, 0.0, e1), axis=1)
+            sbx = tl.exp((m - m_new) * inv_beta) * sbx + tl.sum(tl.where(is_y, 0.0, eb), axis=1)
+            zy += tl.sum(tl.where(is_y, z, 0.0), axis=1)
+            found += tl.sum(is_y.to(tl.float32), axis=1)
+            m = m_new
 
     part = part_ptr + split * N + rows
     stride_part = n_splits * N

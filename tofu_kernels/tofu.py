@@ -124,22 +124,24 @@ def _tofu_fwd_kernel(
     s1x = zero
     sbx = zero
     sz = zero
-    n_cols = tl.where(row_ok, V, 0)  # ignored rows skip the pass
-    for start in range(0, n_cols, BLOCK_V):
-        offs = start + cols
-        mask = offs < V
-        z = _cap(tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
-        z = tl.where(mask, z, -float("inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        alpha = tl.exp(m - m_new)
-        not_y = offs != y
-        e1 = tl.exp(z - m_new)
-        eb = tl.exp((z - m_new) * inv_beta)
-        sz = alpha * (sz + (m - m_new) * s1) + tl.sum(tl.where(mask, e1 * (z - m_new), 0.0))
-        s1 = alpha * s1 + tl.sum(e1, axis=0)
-        s1x = alpha * s1x + tl.sum(tl.where(not_y, e1, 0.0), axis=0)
-        sbx = tl.exp((m - m_new) * inv_beta) * sbx + tl.sum(tl.where(not_y, eb, 0.0), axis=0)
-        m = m_new
+    if row_ok:  # ignored rows skip the pass (a branch: loop bounds stay data-independent)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            z = _cap(
+                tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP
+            )
+            z = tl.where(mask, z, -float("inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            alpha = tl.exp(m - m_new)
+            not_y = offs != y
+            e1 = tl.exp(z - m_new)
+            eb = tl.exp((z - m_new) * inv_beta)
+            sz = alpha * (sz + (m - m_new) * s1) + tl.sum(tl.where(mask, e1 * (z - m_new), 0.0))
+            s1 = alpha * s1 + tl.sum(e1, axis=0)
+            s1x = alpha * s1x + tl.sum(tl.where(not_y, e1, 0.0), axis=0)
+            sbx = tl.exp((m - m_new) * inv_beta) * sbx + tl.sum(tl.where(not_y, eb, 0.0), axis=0)
+            m = m_new
 
     zy_m = zy - m
     loss, g, p = tofu_row_terms(s1x, sbx, zy_m, gamma, beta)
