@@ -37,6 +37,27 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # a finite "-inf" for running maxima: (m_old -
 
 
 @triton.jit
+def _load_rows(ptr, idx, stride, mask, k, ks, k_mask, UPCAST: tl.constexpr):
+    """(len(idx), BLOCK_K) tile of rows ``idx`` of a row-major matrix, columns ``k + ks``."""
+    tile = tl.load(
+        ptr + idx[:, None] * stride + (k + ks)[None, :],
+        mask=mask[:, None] & k_mask[None, :],
+        other=0.0,
+    )
+    if UPCAST:  # the interpreter cannot multiply bf16; the GPU keeps tensor-core inputs
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b``; exact fp32 products when IEEE (Triton's fp32 default is TF32)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _logits_tile(
     x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -47,23 +68,9 @@ def _logits_tile(
     ks = tl.arange(0, BLOCK_K)
     for k in range(0, H, BLOCK_K):
         k_mask = (k + ks) < H
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xn + (k + ks)[None, :],
-            mask=row_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            w_ptr + cols[:, None] * stride_wv + (k + ks)[None, :],
-            mask=col_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:  # the interpreter cannot multiply bf16; the GPU keeps tensor-core inputs
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
+        x = _load_rows(x_ptr, rows, stride_xn, row_mask, k, ks, k_mask, UPCAST)
+        w = _load_rows(w_ptr, cols, stride_wv, col_mask, k, ks, k_mask, UPCAST)
+        acc = _dot(x, tl.trans(w), acc, IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return _cap(acc, softcap, HAS_SOFTCAP)
@@ -252,34 +259,16 @@ def _fused_bwd_kernel(
             for k in range(0, H, BLOCK_K):
                 k_mask = (k + ks) < H
                 if GRAD_X:
-                    w = tl.load(
-                        w_ptr + cols64[:, None] * stride_wv + (k + ks)[None, :],
-                        mask=col_mask[:, None] & k_mask[None, :],
-                        other=0.0,
-                    )
-                    if UPCAST:
-                        w = w.to(tl.float32)
-                    if IEEE:
-                        gx = tl.dot(dz_in, w, input_precision="ieee")
-                    else:
-                        gx = tl.dot(dz_in, w)
+                    w = _load_rows(w_ptr, cols64, stride_wv, col_mask, k, ks, k_mask, UPCAST)
+                    gx = _dot(dz_in, w, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), IEEE)
                     tl.atomic_add(
                         gx_ptr + rows64[:, None] * H + (k + ks)[None, :],
                         gx,
                         mask=row_mask[:, None] & k_mask[None, :],
                     )
                 if GRAD_W:
-                    x = tl.load(
-                        x_ptr + rows64[:, None] * stride_xn + (k + ks)[None, :],
-                        mask=row_mask[:, None] & k_mask[None, :],
-                        other=0.0,
-                    )
-                    if UPCAST:
-                        x = x.to(tl.float32)
-                    if IEEE:
-                        gw = tl.dot(tl.trans(dz_in), x, input_precision="ieee")
-                    else:
-                        gw = tl.dot(tl.trans(dz_in), x)
+                    x = _load_rows(x_ptr, rows64, stride_xn, row_mask, k, ks, k_mask, UPCAST)
+                    gw = _dot(tl.trans(dz_in), x, tl.zeros((BLOCK_V, BLOCK_K), tl.float32), IEEE)
                     tl.atomic_add(
                         gw_ptr + cols64[:, None] * H + (k + ks)[None, :],
                         gw,
