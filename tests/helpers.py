@@ -28,6 +28,18 @@ def random_labels(shape, vocab, device, ignored=0.0, ignore_index=-100) -> torch
     return torch.where(drop, torch.full_like(labels, ignore_index), labels)
 
 
+def row_factors(grad_output, labels, ignore_index, reduction, num_items_in_batch):
+    """float64 d(loss)/d(loss_row) per token: the reduction's weight times the upstream gradient."""
+    y = labels.reshape(-1)
+    if reduction == "none":
+        return grad_output.double().reshape(-1)
+    factor = grad_output.double().expand(y.shape[0])
+    if reduction == "mean":
+        denom = num_items_in_batch if num_items_in_batch is not None else (y != ignore_index).sum()
+        factor = factor / max(float(denom), 1.0)
+    return factor
+
+
 def oracle(
     logits,
     labels,
@@ -48,15 +60,8 @@ def oracle(
     loss = reduce_rows(rows, labels, ignore_index, reduction, num_items_in_batch)
     if grad_output is None:
         return loss, None
-    go = grad_output.double()
-    if reduction == "none":
-        factor = go.reshape(-1, 1)
-    elif reduction == "sum":
-        factor = go
-    else:
-        denom = num_items_in_batch if num_items_in_batch is not None else (y != ignore_index).sum()
-        factor = go / max(float(denom), 1.0)
-    return loss, (grad_rows * factor).reshape(logits.shape)
+    factor = row_factors(grad_output, labels, ignore_index, reduction, num_items_in_batch)
+    return loss, (grad_rows * factor[:, None]).reshape(logits.shape)
 
 
 def assert_close(actual, expected, rtol, what=""):
@@ -94,16 +99,9 @@ def linear_oracle(
     w = weight.detach().double()
     b = bias.detach().double() if bias is not None else None
     y = labels.reshape(-1)
-    n_valid = (y != ignore_index).sum()
     if grad_output is None:  # d(loss)/d(loss) = 1
         grad_output = torch.ones(labels.shape if reduction == "none" else (), device=x.device)
-    if reduction == "none":
-        factor = grad_output.reshape(-1).double()
-    else:
-        factor = grad_output.double().expand(x.shape[0])
-        if reduction == "mean":
-            denom = num_items_in_batch if num_items_in_batch is not None else n_valid
-            factor = factor / max(float(denom), 1.0)
+    factor = row_factors(grad_output, labels, ignore_index, reduction, num_items_in_batch)
     rows, gx = [], torch.zeros_like(x)
     gw, gb = torch.zeros_like(w), torch.zeros(w.shape[0], dtype=torch.float64, device=x.device)
     for s in range(0, x.shape[0], rows_per_slice):
