@@ -18,15 +18,13 @@ import torch.distributed as dist
 import transformers
 from torch.nn.parallel import DistributedDataParallel
 
+from helpers import TINY_LLAMA  # this script's folder is on sys.path
 from tofu_kernels.hf import apply_tofu_kernel
 
 
 def tiny_llama() -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
-    )  # fmt: skip
+    config = transformers.LlamaConfig(**TINY_LLAMA)
     return apply_tofu_kernel(transformers.LlamaForCausalLM(config), impl="torch")
 
 

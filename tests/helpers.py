@@ -117,6 +117,22 @@ def linear_oracle(
     return loss, gx.reshape(hidden.shape), gw, gb
 
 
+# A tiny Llama for the integration tests (a few thousand parameters; nothing is downloaded).
+TINY_LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    initializer_range=0.3,
+)
+
+
 # The chunk's logits are rounded to the inputs' dtype, as the model's own LM head would round
 # them; per-token losses therefore carry that rounding (bf16: 8 bits), means much less of it.
 LINEAR_LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 1e-3}

@@ -19,6 +19,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import tofu_kernels
+from helpers import TINY_LLAMA
 from tofu_kernels.hf import (
     HEAD_SPECS,
     HeadSpec,
@@ -36,20 +37,8 @@ from tofu_kernels.reference import tofu_loss_published
 
 VOCAB = 256
 GAMMA, BETA = 3.0, 0.8
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-    # Large weights: peaked, non-uniform predictions, and logits big enough for softcap to matter.
-    initializer_range=0.5,
-)
+# Large weights: peaked, non-uniform predictions, and logits big enough for softcap to matter.
+COMMON = {**TINY_LLAMA, "vocab_size": VOCAB, "initializer_range": 0.5}
 # name -> (config class, model class, config overrides)
 ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),

@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from helpers import TINY_LLAMA
+
 WORLD = 2
 CASES = [(False, False), (True, False), (False, True)]  # (lm_head its own unit, tied embeddings)
 
@@ -30,16 +32,7 @@ def _build(tied: bool):
     from tofu_kernels.hf import apply_tofu_kernel
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.3,
-        tie_word_embeddings=tied,
-    )
+    config = transformers.LlamaConfig(**TINY_LLAMA, tie_word_embeddings=tied)
     return apply_tofu_kernel(transformers.LlamaForCausalLM(config), impl="torch")
 
 

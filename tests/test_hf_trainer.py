@@ -14,6 +14,7 @@ import torch
 import transformers
 from transformers import Trainer, TrainingArguments
 
+from helpers import TINY_LLAMA
 from tofu_kernels.hf import apply_tofu_kernel, get_tofu_stats
 
 VOCAB = 64
@@ -21,19 +22,7 @@ VOCAB = 64
 
 def tiny_llama(device, vocab=VOCAB, seed=0) -> transformers.LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        initializer_range=0.3,
-    )
+    config = transformers.LlamaConfig(**{**TINY_LLAMA, "vocab_size": vocab})
     return transformers.LlamaForCausalLM(config).to(device)
 
 
