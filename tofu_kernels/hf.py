@@ -602,6 +602,8 @@ def apply_tofu_kernel(
         impl: ``"auto"`` (Triton on GPU, PyTorch on CPU), ``"chunked"`` (alias ``"triton"``),
             ``"fused"`` or ``"torch"``: the impl of the fused loss in training (see
             :func:`~tofu_kernels.fused_linear_tofu_loss`); eval logits use the logits kernel.
+            Under FSDP2 keep a gradient-in-forward impl (auto/chunked/torch): "fused" reads
+            lm_head's weight again in backward, after FSDP2 has resharded it (untested there).
         chunk_size: tokens per chunk of the fused loss (default: see ``fused_linear_tofu_loss``).
         return_logits: also return detached logits from training forwards (costs their memory).
         verify: run one 4-token forward to check that the model's logits are what the fused loss
