@@ -376,3 +376,14 @@ def test_none_reduction_backward_twice_accumulates(device):
     first = x.grad.clone()
     loss.backward()
     assert rel_err(x.grad, 2 * first) < 1e-6
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS + ["torch"])
+def test_int32_labels(device, impl):
+    x, w, b, y = make_inputs((11,), 37, 301, torch.float32, device, bias=True)
+    x.requires_grad_(True)
+    ref = fused_linear_tofu_loss(x, w, y, bias=b, impl=impl, chunk_size=4)
+    (gx,) = torch.autograd.grad(ref, x)
+    loss = fused_linear_tofu_loss(x, w, y.to(torch.int32), bias=b, impl=impl, chunk_size=4)
+    (gx32,) = torch.autograd.grad(loss, x)
+    assert torch.equal(loss, ref) and torch.equal(gx32, gx)

@@ -324,3 +324,12 @@ def test_none_reduction_summed_by_the_caller(device):
     _, ref_grad = oracle(logits, labels, gamma=3.0, beta=0.8, reduction="sum",
                          grad_output=torch.tensor(1.0))  # fmt: skip
     assert_close(logits.grad, ref_grad, 1e-5, "grad")
+
+
+def test_int32_labels(device):
+    logits = random_logits((5, 127), torch.float32, device)
+    labels = random_labels((5,), 127, device, ignored=0.3)
+    for impl in ("triton", "torch"):
+        expected = tofu_loss(logits, labels, impl=impl, reduction="none")
+        got = tofu_loss(logits, labels.to(torch.int32), impl=impl, reduction="none")
+        assert torch.equal(got, expected)
