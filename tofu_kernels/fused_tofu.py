@@ -404,11 +404,13 @@ def fused_tofu_bwd(
             HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None,
             GRAD_X=needs[0], GRAD_W=needs[1], GRAD_B=needs[2], **_dot_flags(hidden.dtype), **cfg,
         )  # fmt: skip
-    return (
-        gx.to(hidden.dtype) if gx is not None else None,
-        gw.to(weight.dtype) if gw is not None else None,
-        gb.to(bias.dtype) if gb is not None else None,
-    )
+    # Cast one accumulator at a time, dropping each fp32 buffer before the next cast.
+    grads = [gx, gw, gb]
+    del gx, gw, gb
+    for i, like in enumerate((hidden, weight, bias)):
+        if grads[i] is not None:
+            grads[i] = grads[i].to(like.dtype)
+    return tuple(grads)
 
 
 @torch.library.custom_op("tofu_kernels::fused_tofu_fwd", mutates_args=())
