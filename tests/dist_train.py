@@ -59,7 +59,10 @@ def main(mode: str) -> int:
         grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         errors.append((name, ((grad - q.grad).abs().max() / q.grad.abs().max()).item()))
     bad = [(name, err) for name, err in errors if not err < 1e-5]
-    print(f"rank {rank}: {len(errors)} checks, worst {max(e for _, e in errors):.1e}, bad {bad}")
+    worst = max(e for _, e in errors)
+    # one write, newline included: lines from two ranks on one pipe cannot interleave mid-line
+    sys.stdout.write(f"rank {rank}: {len(errors)} checks, worst {worst:.1e}, bad {bad}\n")
+    sys.stdout.flush()
     dist.destroy_process_group()
     return 1 if bad else 0
 

@@ -123,17 +123,20 @@ def test_all_rows_ignored(device):
 
 
 def test_filtering_drops_exactly_the_small_rows(device):
-    """With a threshold between row weights, light rows add nothing and heavy rows are exact."""
-    x, w, _, y = make_inputs((40,), 48, 300, torch.float32, device, ignored=0.0)
+    """Rows whose weight g * |scale| is under the threshold add exactly nothing; the others are
+    exact, because every tile they share a block with has entries above the threshold."""
+    x, w, b, y = make_inputs((40,), 48, 300, torch.float32, device, bias=True, ignored=0.0)
+    confident = torch.arange(40, device=device) % 2 == 0
+    x[confident] = 2.5 * w[y[confident]]  # the target's own direction: a margin of ~20 logits
     params = fused_mod.TOFUParams()
-    _, _, rowterms = fused_mod.fused_tofu_fwd(x, w, y, None, params)
+    _, _, rowterms = fused_mod.fused_tofu_fwd(x, w, y, b, params)
     scale = torch.ones(1, device=device)
     g = rowterms[3]
-    eps = (g.median() / g.max()).item()  # a threshold with rows on both sides
+    eps = 1e-6
     light = g <= eps * g.max()
-    assert light.any() and (~light).any()
+    assert light.any() and (~light).any() and (g[light] > 0).any()  # light, not exactly zero
     needs = (True, True, False)
-    exact = fused_mod.fused_tofu_bwd(x, w, y, None, rowterms, scale, params, needs, 0.0)[0]
-    kept = fused_mod.fused_tofu_bwd(x, w, y, None, rowterms, scale, params, needs, eps)[0]
-    assert (kept[light] == 0).all()
+    exact = fused_mod.fused_tofu_bwd(x, w, y, b, rowterms, scale, params, needs, 0.0)[0]
+    kept = fused_mod.fused_tofu_bwd(x, w, y, b, rowterms, scale, params, needs, eps)[0]
+    assert (kept[light] == 0).all() and (exact[light] != 0).any()
     torch.testing.assert_close(kept[~light], exact[~light], rtol=1e-6, atol=0)
