@@ -183,6 +183,19 @@ def launch_config(vocab: int) -> tuple[int, int]:
     return block, NUM_WARPS_LARGE if block >= 2048 else NUM_WARPS_SMALL
 
 
+def _row_outputs(
+    logits: torch.Tensor, dtype: torch.dtype, compute_grad: bool, grad: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row loss ``(N,)`` and stats ``(4, N)`` in ``dtype``, and the gradient buffer (the given
+    one, a new one in the logits' dtype, or None without ``compute_grad``)."""
+    n, vocab = logits.shape
+    loss = torch.empty(n, dtype=dtype, device=logits.device)
+    stats = torch.empty(4, n, dtype=dtype, device=logits.device)
+    if compute_grad and grad is None:
+        grad = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
+    return loss, stats, grad if compute_grad else None
+
+
 def tofu_fwd(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -206,12 +219,7 @@ def tofu_fwd(
     n, vocab = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("tofu_fwd needs logits with unit stride along the vocabulary")
-    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-    stats = torch.empty(4, n, dtype=torch.float32, device=logits.device)
-    if compute_grad and grad is None:
-        grad = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
-    if not compute_grad:
-        grad = None
+    loss, stats, grad = _row_outputs(logits, torch.float32, compute_grad, grad)
     if n == 0:
         return loss, stats, grad
     block, num_warps = launch_config(vocab)
@@ -257,12 +265,7 @@ def tofu_fwd_torch(
     """
     n, vocab = logits.shape
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    loss = torch.empty(n, dtype=compute_dtype, device=logits.device)
-    stats = torch.empty(4, n, dtype=compute_dtype, device=logits.device)
-    if compute_grad and grad is None:
-        grad = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
-    if not compute_grad:
-        grad = None
+    loss, stats, grad = _row_outputs(logits, compute_dtype, compute_grad, grad)
     rows = max(1, TORCH_CHUNK_ELEMENTS // vocab)
     for s in range(0, n, rows):
         e = min(n, s + rows)
