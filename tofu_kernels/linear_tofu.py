@@ -390,9 +390,6 @@ def fused_linear_tofu_loss(
         raise TypeError(f"impl={impl!r} takes {KERNEL_DTYPES} inputs, got {hidden.dtype}")
     check_label_range(labels, vocab, ignore_index)
 
-    if drop_ignored is None:
-        drop_ignored = hidden.device.type == "cpu"
-    params = LinearTOFUParams(tofu, chunk_size, accum_dtype, drop_ignored)
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and hidden.requires_grad,
@@ -406,6 +403,9 @@ def fused_linear_tofu_loss(
                 hidden, weight, bias, labels, num_items_in_batch, fused, needs
             )
         else:
+            if drop_ignored is None:  # free on CPU; a host sync on a GPU
+                drop_ignored = hidden.device.type == "cpu"
+            params = LinearTOFUParams(tofu, chunk_size, accum_dtype, drop_ignored)
             loss, row_stats = LinearTOFUFunction.apply(
                 hidden, weight, bias, labels, num_items_in_batch, params, needs
             )
