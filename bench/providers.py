@@ -157,8 +157,8 @@ def all_providers() -> list[Provider]:
         for impl in LINEAR_IMPLS
         if impl != "auto"
     ]
-    # The chunked impl's two memory/speed knobs, to choose its defaults from measurements:
-    # grad_weight accumulated in bf16 (Liger's default), and chunks 8x the default's rows.
+    # The impls' memory/speed knobs, to choose defaults from measurements: grad_weight
+    # accumulated in bf16 (Liger's default), and chunks 8x the default's rows.
     ours += [
         Provider(
             "tofu_kernels/chunked-bf16acc", ("tofu",), _tofu_kernels("chunked", accum_dtype=None)
@@ -166,6 +166,8 @@ def all_providers() -> list[Provider]:
         Provider(
             "tofu_kernels/chunked-c2048", ("tofu",), _tofu_kernels("chunked", chunk_size=2048)
         ),
+        # the fused impl's grad_weight summed by bf16 atomics into the gradient: CCE's memory
+        Provider("tofu_kernels/fused-bf16acc", ("tofu",), _tofu_kernels("fused", accum_dtype=None)),
     ]
     return ours + [
         Provider("liger", ("ce",), _liger(accum_fp32=False)),

@@ -11,6 +11,7 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -23,7 +24,7 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
 def kernel_specs():
-    """(name, kernel, signature, constexprs) for each kernel and constexpr variant."""
+    """(name, kernel, signature, constexprs, compile options) for each kernel variant."""
     for logits_ty in ("*fp32", "*bf16", "*fp16"):
         for softcap in (False, True):
             for grad in (False, True):
@@ -55,58 +56,79 @@ def kernel_specs():
                     "BLOCK_V": 4096,
                 }
                 name = f"tofu_fwd[{logits_ty} softcap={softcap} grad={grad}]"
-                yield name, tofu._tofu_fwd_kernel, signature, constexprs
+                options = {"num_warps": tofu.launch_config(constexprs["BLOCK_V"])[1]}
+                yield name, tofu._tofu_fwd_kernel, signature, constexprs, options
 
 
-def fused_kernel_specs():
-    """The fully fused LM-head kernels, in each dtype with and without bias/softcap/gradients."""
+def fused_kernel_specs(major: int):
+    """The fully fused LM-head kernels with the launch configs of compute capability ``major``,
+    in each dtype with and without bias/softcap/gradients."""
     from tofu_kernels import fused_tofu
 
-    cfg = {k: v for k, v in fused_tofu.FWD_CONFIG.items() if k.startswith("BLOCK")}
+    def split(config):  # (constexprs, compile options)
+        return ({k: v for k, v in config.items() if k.startswith("BLOCK")},
+                {k: v for k, v in config.items() if not k.startswith("BLOCK")})  # fmt: skip
+
+    dtypes = {"*fp32": torch.float32, "*bf16": torch.bfloat16, "*fp16": torch.float16}
     # every dtype with every feature on; the lighter variants in bf16 only (compiles are slow)
     for ty, extras in (("*fp32", True), ("*bf16", True), ("*fp16", True), ("*bf16", False)):
+        fwd_cfg, fwd_opts = split(
+            fused_tofu.fused_config(fused_tofu.FWD_CONFIGS, major, dtypes[ty])
+        )
+        bwd_cfg, bwd_opts = split(
+            fused_tofu.fused_config(fused_tofu.BWD_CONFIGS, major, dtypes[ty])
+        )
         flags = {"HAS_BIAS": extras, "HAS_SOFTCAP": extras, "UPCAST": False}
         flags["IEEE"] = ty == "*fp32"
         signature = {
             "x_ptr": ty, "w_ptr": ty, "b_ptr": ty, "labels_ptr": "*i64", "part_ptr": "*fp32",
             "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i64", "stride_wv": "i64",
-            "tiles_per_split": "i32", "beta": "fp32", "softcap": "fp32", "ignore_index": "i32",
+            "cols_per_split": "i32", "beta": "fp32", "softcap": "fp32", "ignore_index": "i32",
         }  # fmt: skip
-        signature.update({k: "constexpr" for k in (*flags, *cfg)})
+        signature.update({k: "constexpr" for k in (*flags, *fwd_cfg)})
         name = f"fused_fwd[{ty} bias/softcap={extras}]"
-        yield name, fused_tofu._fused_fwd_kernel, signature, {**flags, **cfg}
-        variants = ((True, True, True), (True, False, False), (False, True, False))
-        for grads in variants if ty == "*bf16" and extras else variants[:1]:
+        yield name, fused_tofu._fused_fwd_kernel, signature, {**flags, **fwd_cfg}, fwd_opts
+        # (grads asked for, grad_weight accumulator): fp32, or the weight's dtype (atomics in
+        # bf16/fp16: accum_dtype=None)
+        variants = [((True, True, True), "*fp32")]
+        if ty != "*fp32" and extras:
+            variants.append(((True, True, True), ty))
+        if ty == "*bf16" and extras:
+            variants += [((True, False, False), "*fp32"), ((False, True, False), ty)]
+        for grads, gw_ty in variants:
             signature = {
                 "x_ptr": ty, "w_ptr": ty, "b_ptr": ty, "labels_ptr": "*i64",
                 "rowterm_ptr": "*fp32", "scale_ptr": "*fp32", "wmax_ptr": "*fp32",
-                "gx_ptr": "*fp32", "gw_ptr": "*fp32", "gb_ptr": "*fp32",
+                "gx_ptr": "*fp32", "gw_ptr": gw_ty, "gb_ptr": "*fp32",
                 "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i64", "stride_wv": "i64",
-                "stride_scale": "i32", "beta": "fp32", "softcap": "fp32",
+                "stride_rt": "i32", "stride_scale": "i32", "beta": "fp32", "softcap": "fp32",
                 "ignore_index": "i32", "filter_eps": "fp32",
             }  # fmt: skip
             gflags = dict(zip(("GRAD_X", "GRAD_W", "GRAD_B"), grads, strict=True))
-            signature.update({k: "constexpr" for k in (*flags, *gflags, *cfg)})
-            name = f"fused_bwd[{ty} bias/softcap={extras} grads={grads}]"
-            yield name, fused_tofu._fused_bwd_kernel, signature, {**flags, **gflags, **cfg}
+            signature.update({k: "constexpr" for k in (*flags, *gflags, *bwd_cfg)})
+            name = f"fused_bwd[{ty} bias/softcap={extras} grads={grads} gw={gw_ty}]"
+            constexprs = {**flags, **gflags, **bwd_cfg}
+            yield name, fused_tofu._fused_bwd_kernel, signature, constexprs, bwd_opts
     signature = {
         "part_ptr": "*fp32", "labels_ptr": "*i64", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
         "rowterm_ptr": "*fp32", "N": "i32", "V": "i32", "n_splits": "i32", "gamma": "fp32",
         "beta": "fp32", "ignore_index": "i32", "BLOCK_N": "constexpr",
     }  # fmt: skip
-    yield "fused_merge", fused_tofu._fused_merge_kernel, signature, {"BLOCK_N": 128}
+    yield "fused_merge", fused_tofu._fused_merge_kernel, signature, {"BLOCK_N": 128}, {}
 
 
-def all_specs():
-    return [*kernel_specs(), *fused_kernel_specs()]
+def all_specs(major: int):
+    return [*kernel_specs(), *fused_kernel_specs(major)]
 
 
 def compile_one(job: tuple[int, int]) -> str | None:
     """Compile spec number ``job[0]`` for target number ``job[1]``; the error text or None."""
-    name, fn, signature, constexprs = all_specs()[job[0]]
     target = TARGETS[job[1]]
+    name, fn, signature, constexprs, options = all_specs(target.arch // 10)[job[0]]
     try:
-        kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target)
+        kernel = triton.compile(
+            ASTSource(fn, signature, constexprs), target=target, options=options
+        )
     except Exception as exc:  # report every failure, then fail
         return f"FAIL {name} sm_{target.arch}: {type(exc).__name__}: {exc}"
     if kernel.metadata.shared > SHARED_LIMIT[target.arch]:
@@ -115,7 +137,7 @@ def compile_one(job: tuple[int, int]) -> str | None:
 
 
 def main() -> int:
-    jobs = [(i, t) for i in range(len(all_specs())) for t in range(len(TARGETS))]
+    jobs = [(i, t) for i in range(len(all_specs(9))) for t in range(len(TARGETS))]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         failures = [f for f in pool.map(compile_one, jobs) if f is not None]
     for failure in failures:

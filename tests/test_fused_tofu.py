@@ -140,3 +140,64 @@ def test_filtering_drops_exactly_the_small_rows(device):
     kept = fused_mod.fused_tofu_bwd(x, w, y, b, rowterms, scale, params, needs, eps)[0]
     assert (kept[light] == 0).all() and (exact[light] != 0).any()
     torch.testing.assert_close(kept[~light], exact[~light], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grad_hidden_in_token_slabs(device, dtype, monkeypatch):
+    """grad_hidden sums in fp32 one token slab at a time (in place for fp32): slabs of two token
+    blocks over 3.3 blocks, a per-row upstream gradient (reduction="none"), ignored rows."""
+    block_n = fused_mod.BWD_CONFIG["BLOCK_N"]
+    monkeypatch.setattr(fused_mod, "GX_SLAB_ELEMS", 2 * block_n * 40)
+    x, w, b, y = make_inputs((3 * block_n + 20,), 40, 300, dtype, device, bias=True)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+    loss = fused_linear_tofu_loss(*leaves[:2], y, bias=leaves[2], reduction="none", impl="fused")
+    go = torch.randn_like(loss)
+    loss.backward(go)
+    ref = linear_oracle(x, w, y, bias=b, gamma=3.0, beta=0.8, reduction="none", grad_output=go)
+    compare(x, w, b, y, [loss.detach()] + [t.grad for t in leaves], ref, dtype)
+
+
+def test_native_accumulation_allocates_no_weight_sized_fp32_buffer(device, monkeypatch):
+    """accum_dtype=None: grad_weight is summed by atomics into the fp16 gradient itself."""
+    big = []
+    real_zeros = torch.zeros
+
+    def spy(*size, dtype=None, **kwargs):
+        if tuple(size) == (300, 40):
+            big.append(dtype)
+        return real_zeros(*size, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(fused_mod.torch, "zeros", spy)
+    x, w, _, y = make_inputs((30,), 40, 300, torch.float16, device)
+    w.requires_grad_(True)
+    for accum_dtype in (torch.float32, None):
+        fused_linear_tofu_loss(x, w, y, impl="fused", accum_dtype=accum_dtype).backward()
+    assert big == [torch.float32, torch.float16]
+
+
+def test_split_and_slab_alignment_fit_every_config():
+    configs = [*fused_mod.FWD_CONFIGS.values(), *fused_mod.TUNE_FWD]
+    assert all(fused_mod.SPLIT_ALIGN % c["BLOCK_V"] == 0 for c in configs)
+    configs = [*fused_mod.BWD_CONFIGS.values(), *fused_mod.TUNE_BWD]
+    assert all(fused_mod.ROW_ALIGN % c["BLOCK_N"] == 0 for c in configs)
+
+
+@pytest.mark.parametrize("accum_dtype", [None, torch.float32])
+def test_opt_in_autotuning(device, monkeypatch, accum_dtype):
+    """TOFU_AUTOTUNE=1 runs every candidate config once per kernel (the accumulators are zeroed
+    between timed runs, or the gradients would count them), then the best one. The interpreter's
+    timings mean nothing; the path and the results are what is tested."""
+    timed = []
+    real_bench = fused_mod._wall_clock_bench
+    monkeypatch.setattr(fused_mod, "_wall_clock_bench", lambda fn, **kw: timed.append(fn) or
+                        real_bench(fn, **kw))  # fmt: skip
+    monkeypatch.setenv("TOFU_AUTOTUNE", "1")
+    fused_mod._tuned.cache_clear()
+    x, w, b, y = make_inputs((70,), 40, 300, torch.float16, device, bias=True)
+    ref = linear_oracle(x, w, y, bias=b, gamma=3.0, beta=0.8)
+    for _ in range(2):  # tunes, then reuses the choice
+        compare(x, w, b, y, run(x, w, b, y, accum_dtype=accum_dtype), ref, torch.float16)
+    assert fused_mod._tuned.cache_info().currsize == 2  # the forward and backward kernels
+    if device == "cpu":  # on a GPU, triton's own timer
+        assert len(timed) == len(fused_mod.TUNE_FWD) + len(fused_mod.TUNE_BWD)
+    fused_mod._tuned.cache_clear()

@@ -107,6 +107,19 @@ def test_oracle_num_items_in_batch_3d_noncontiguous(device, impl):
     run_and_compare(x, w, None, y, num_items_in_batch=torch.tensor(9), impl=impl)
 
 
+@pytest.mark.parametrize("impl", [*KERNEL_IMPLS, "torch"])
+def test_strided_labels(device, impl):
+    """A strided 1-D view of labels, without dropping ignored rows (the GPU's default path)."""
+    x, w, b, y = make_inputs((30,), 37, 301, torch.float32, device, bias=True)
+    y = torch.stack([y, torch.zeros_like(y)], 1)[:, 0]
+    assert y.stride() == (2,)
+    x.requires_grad_(True)
+    for reduction in ("mean", "none"):
+        x.grad = None
+        run_and_compare(x, w, b, y, reduction=reduction, chunk_size=8, impl=impl,
+                        drop_ignored=False)  # fmt: skip
+
+
 def test_frozen_weight_and_hidden_without_grad(device, monkeypatch):
     """LoRA: no grad_weight work at all; hidden without grad: no grad_hidden GEMM."""
     calls = []
@@ -186,11 +199,16 @@ def test_impls_and_drop_ignored_agree(device, impl):
         assert rel_err(a, b_) < 1e-5
 
 
+# None: grad_weight in the weight's dtype (chunked: per chunk; fused: fp16 atomics under the
+# interpreter, which has no bf16 atomics and sums bf16 in fp32)
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("accum_dtype", [None, torch.float32])
-def test_weight_grad_accumulator_dtypes(device, accum_dtype):
-    x, w, _, y = make_inputs((40,), 37, 301, torch.bfloat16, device)
+def test_weight_grad_accumulator_dtypes(device, accum_dtype, dtype, impl):
+    x, w, _, y = make_inputs((150,), 37, 301, dtype, device)
+    x.requires_grad_(True)
     w.requires_grad_(True)
-    run_and_compare(x, w, None, y, chunk_size=4, impl="chunked", accum_dtype=accum_dtype)
+    run_and_compare(x, w, None, y, chunk_size=4, impl=impl, accum_dtype=accum_dtype)
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
@@ -283,6 +301,8 @@ BAD_INPUTS = [
     (dict(gamma=-1.0), ValueError, "gamma"),
     (dict(beta=float("nan")), ValueError, "beta"),
     (dict(weight=torch.zeros(5, 8, device="meta")), ValueError, "weight"),
+    (dict(accum_dtype=torch.int32), ValueError, "accum_dtype"),
+    (dict(accum_dtype=torch.float64, impl="fused"), ValueError, "accum_dtype"),
 ]
 
 

@@ -44,12 +44,14 @@ def check(
     num_items_in_batch=None,
     impl="triton",
     logits=None,
+    labels=None,
 ):
     """Forward and backward with a random upstream gradient, both against the oracle."""
     if logits is None:
         logits = random_logits((*shape, vocab), dtype, device)
     logits = logits.detach().requires_grad_(True)
-    labels = random_labels(logits.shape[:-1], logits.shape[-1], device, ignored)
+    if labels is None:
+        labels = random_labels(logits.shape[:-1], logits.shape[-1], device, ignored)
     kwargs = dict(gamma=gamma, beta=beta, reduction=reduction, softcap=softcap)
     loss = tofu_loss(logits, labels, num_items_in_batch=num_items_in_batch, impl=impl, **kwargs)
     grad_output = torch.randn_like(loss)  # random per-token weights for "none", random scalar else
@@ -119,6 +121,12 @@ def test_oracle_non_contiguous_and_3d(device):
     check(device, logits=wide[..., :127])  # padded rows: row stride > V, not viewable as 2-D
     check(device, logits=wide.transpose(0, 1)[..., 3:130])
     check(device, logits=random_logits((3, 4, 127), torch.bfloat16, device), reduction="none")
+    # a strided 1-D view of labels (every other column of a (N, 2) tensor)
+    labels = random_labels((10, 2), 127, device, ignored=0.3)[:, 0]
+    assert labels.stride() == (2,)
+    for reduction in ("mean", "none"):
+        check(device, logits=random_logits((10, 127), torch.float32, device), labels=labels,
+              reduction=reduction)  # fmt: skip
 
 
 def test_largest_vocabulary(device):

@@ -11,6 +11,9 @@ onehot) * scale`` in registers and add ``dZ @ W`` and ``dZ^T @ X`` into fp32 ``g
 
 from __future__ import annotations
 
+import functools
+import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +30,36 @@ from tofu_kernels.utils import (
     reduction_scale,
 )
 
-# Fixed launch configs (untuned: no GPU has measured them yet). Autotuning is not wired in.
-FWD_CONFIG = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
-BWD_CONFIG = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
+# Launch configs by compute capability major (9: Hopper, 8: Ampere/Ada), as triton.Config
+# kwargs. NOT yet timed on a GPU: chosen by tile arithmetic (the backward's 128-row blocks halve
+# grad_weight's atomics); `bench/tune_fused.py` times the candidates below on a card.
+FWD_CONFIGS = {
+    9: dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    8: dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
+}
+BWD_CONFIGS = {
+    9: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    8: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
+}
+FWD_CONFIG, BWD_CONFIG = FWD_CONFIGS[9], BWD_CONFIGS[9]  # elsewhere (and the interpreter)
+# Opt-in autotuning (TOFU_AUTOTUNE=1): these candidates are timed once per (H, V, dtypes).
+TUNE_FWD = [
+    dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=w, num_stages=st)
+    for bn, bv, bk, w, st in ((64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
+                              (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 128, 4, 3))
+]  # fmt: skip
+TUNE_BWD = [
+    dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=w, num_stages=st)
+    for bn, bv, bk, w, st in ((64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                              (256, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3))
+]  # fmt: skip
+# Forward vocabulary splits are whole multiples of this many columns, so that the split layout
+# (and the partials buffer) does not depend on the config's BLOCK_V.
+SPLIT_ALIGN = 256
+ROW_ALIGN = 256  # likewise for the backward's grad_hidden token slabs and BLOCK_N
+# grad_hidden sums V / BLOCK_V tile products per element: in bf16 that is ~0.1 off at the Llama
+# head (bench/accum_precision.py), so it sums in fp32, in token slabs of this many elements.
+GX_SLAB_ELEMS = 2**23
 # Gradient filtering: skip work whose every gradient entry is below this fraction of the largest
 # row weight g * |scale| of the batch (2^-12: under bf16/fp16 resolution of a sum that holds it).
 FILTER_EPS_HALF = 2.0**-12
@@ -81,7 +111,7 @@ def _fused_fwd_kernel(
     # pointers: hidden (N, H), weight (V, H), bias (V,), labels (N,); partials (6, SPLITS, N)
     x_ptr, w_ptr, b_ptr, labels_ptr, part_ptr,
     # sizes and strides (elements; unit stride along H)
-    N, V, H, stride_xn, stride_wv, tiles_per_split,
+    N, V, H, stride_xn, stride_wv, cols_per_split,
     # TOFU parameters (runtime fp32)
     beta, softcap, ignore_index,
     # meta
@@ -105,6 +135,7 @@ def _fused_fwd_kernel(
     sz = tl.zeros((BLOCK_N,), tl.float32)
     zy = tl.zeros((BLOCK_N,), tl.float32)
     found = tl.zeros((BLOCK_N,), tl.float32)
+    tiles_per_split = cols_per_split // BLOCK_V
     t_start = split * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(V, BLOCK_V))
     if tl.max(valid.to(tl.int32), axis=0) > 0:  # a block of ignored rows skips its tiles
@@ -205,10 +236,11 @@ def _fused_merge_kernel(
 @triton.jit
 def _fused_bwd_kernel(
     # pointers: hidden, weight, bias, labels; per-row terms (4, N); grad scale (1 or N);
-    # the batch's largest row weight (1,); fp32 gradient accumulators (N, H), (V, H), (V,)
+    # the batch's largest row weight (1,); gradient accumulators: fp32 (N, H), fp32 or the
+    # weight's dtype (V, H), fp32 (V,); all contiguous
     x_ptr, w_ptr, b_ptr, labels_ptr, rowterm_ptr, scale_ptr, wmax_ptr, gx_ptr, gw_ptr, gb_ptr,
     # sizes and strides
-    N, V, H, stride_xn, stride_wv, stride_scale,
+    N, V, H, stride_xn, stride_wv, stride_rt, stride_scale,
     # TOFU parameters and filtering threshold (0 keeps everything that is not exactly 0)
     beta, softcap, ignore_index, filter_eps,
     # meta
@@ -227,12 +259,14 @@ def _fused_bwd_kernel(
     y = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
     m = tl.load(rowterm_ptr + rows, mask=row_mask, other=float("inf"))
     scale = tl.load(scale_ptr + rows * stride_scale, mask=row_mask, other=0.0)
-    coef = tl.load(rowterm_ptr + N + rows, mask=row_mask, other=0.0) * scale
-    target = tl.load(rowterm_ptr + 2 * N + rows, mask=row_mask, other=0.0) * scale
+    coef = tl.load(rowterm_ptr + stride_rt + rows, mask=row_mask, other=0.0) * scale
+    target = tl.load(rowterm_ptr + 2 * stride_rt + rows, mask=row_mask, other=0.0) * scale
     # Every |dz| entry of a row is at most its weight g * |scale|: rows at or under the threshold
     # (ignored rows; with filtering, confident ones) add nothing, and a block of such rows is
     # skipped before its GEMMs.
-    row_weight = tl.load(rowterm_ptr + 3 * N + rows, mask=row_mask, other=0.0) * tl.abs(scale)
+    row_weight = tl.load(rowterm_ptr + 3 * stride_rt + rows, mask=row_mask, other=0.0) * tl.abs(
+        scale
+    )
     keep = row_weight > filter_eps * tl.load(wmax_ptr)
     coef = tl.where(keep, coef, 0.0)
     target = tl.where(keep, target, 0.0)
@@ -251,7 +285,7 @@ def _fused_bwd_kernel(
         # vocabulary tiles whose every entry is below the threshold are skipped (CCE-style)
         if tl.max(tl.max(tl.abs(dz), axis=1), axis=0) > threshold:
             if GRAD_B:
-                tl.atomic_add(gb_ptr + cols64, tl.sum(dz, axis=0), mask=col_mask)
+                tl.atomic_add(gb_ptr + cols64, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
             dz_in = dz.to(x_ptr.dtype.element_ty)
             if UPCAST:
                 dz_in = dz_in.to(tl.float32)
@@ -265,14 +299,16 @@ def _fused_bwd_kernel(
                         gx_ptr + rows64[:, None] * H + (k + ks)[None, :],
                         gx,
                         mask=row_mask[:, None] & k_mask[None, :],
+                        sem="relaxed",
                     )
                 if GRAD_W:
                     x = _load_rows(x_ptr, rows64, stride_xn, row_mask, k, ks, k_mask, UPCAST)
                     gw = _dot(tl.trans(dz_in), x, tl.zeros((BLOCK_V, BLOCK_K), tl.float32), IEEE)
                     tl.atomic_add(
                         gw_ptr + cols64[:, None] * H + (k + ks)[None, :],
-                        gw,
+                        gw.to(gw_ptr.dtype.element_ty),
                         mask=col_mask[:, None] & k_mask[None, :],
+                        sem="relaxed",
                     )
 
 
@@ -280,12 +316,68 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     return dict(UPCAST=interpreting() and dtype != torch.float32, IEEE=dtype == torch.float32)
 
 
-def _n_splits(n_blocks: int, v_tiles: int, device: torch.device) -> int:
+def _n_splits(n_blocks: int, units: int, device: torch.device) -> int:
     """Vocabulary splits so the forward grid has about two programs per SM."""
     if device.type != "cuda":
-        return min(v_tiles, 2)
+        return min(units, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(v_tiles, triton.cdiv(2 * sms, n_blocks)))
+    return max(1, min(units, triton.cdiv(2 * sms, n_blocks)))
+
+
+def fused_config(table: dict, major: int, dtype: torch.dtype) -> dict:
+    """The table's launch config for compute capability ``major``; fp32 tiles are twice the bytes
+    of bf16/fp16 ones, so they take half the BLOCK_K (shared memory: 208 KiB > A100's 163)."""
+    cfg = dict(table.get(major, table[9] if major > 9 else table[8]))
+    if dtype == torch.float32:
+        cfg["BLOCK_K"] //= 2
+    return cfg
+
+
+def autotuning() -> bool:
+    """Opt-in autotuning of the fused kernels: ``TOFU_AUTOTUNE=1`` in the environment."""
+    return os.environ.get("TOFU_AUTOTUNE", "0") == "1"
+
+
+def _wall_clock_bench(fn, quantiles=None) -> list[float]:
+    """The interpreter has no GPU timer; its timings mean nothing, only the code path is run."""
+    start = time.perf_counter()
+    fn()
+    return [(time.perf_counter() - start) * 1e3] * 3
+
+
+@functools.cache
+def _tuned(kernel, configs: tuple, reset: tuple):
+    """``kernel`` autotuned over ``configs`` (sorted item tuples of config dicts) per (H, V,
+    dtypes); ``reset``: the accumulators, zeroed before each timed run."""
+    configs = [dict(c) for c in configs]
+    return triton.autotune(
+        configs=[
+            triton.Config(
+                {k: v for k, v in c.items() if k.startswith("BLOCK")},
+                num_warps=c["num_warps"],
+                num_stages=c["num_stages"],
+            )
+            for c in configs
+        ],
+        key=["H", "V"],
+        reset_to_zero=list(reset),
+        do_bench=_wall_clock_bench if interpreting() else None,
+    )(kernel)
+
+
+def _grid(rows: int, vocab: int):
+    """The backward's grid: (token blocks, vocabulary tiles) of the config."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"]))
+
+
+def _launcher(kernel, table: dict, candidates: list, x: torch.Tensor, reset: tuple = ()):
+    """(kernel to index with a grid, its config kwargs): the fixed config for ``x``'s device and
+    dtype, or, with autotuning on, the autotuned kernel that picks them itself."""
+    if autotuning():
+        configs = tuple(tuple(sorted(c.items())) for c in candidates)
+        return _tuned(kernel, configs, reset), {}
+    major = torch.cuda.get_device_capability(x.device)[0] if x.device.type == "cuda" else 9
+    return kernel, fused_config(table, major, x.dtype)
 
 
 def fused_tofu_partials(
@@ -299,19 +391,19 @@ def fused_tofu_partials(
     entropy sum, target logit or -inf) over vocabulary splits of ``weight (V, H)``."""
     n, h = hidden.shape
     vocab = weight.shape[0]
-    cfg = FWD_CONFIG
-    n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
-    v_tiles = triton.cdiv(vocab, cfg["BLOCK_V"])
-    splits = _n_splits(n_blocks, v_tiles, hidden.device)
-    tiles_per_split = triton.cdiv(v_tiles, splits)
-    splits = triton.cdiv(v_tiles, tiles_per_split)  # no empty split
+    labels = labels.contiguous()  # the kernels read labels[row] densely
+    units = triton.cdiv(vocab, SPLIT_ALIGN)
+    splits = _n_splits(triton.cdiv(n, FWD_CONFIG["BLOCK_N"]), units, hidden.device)
+    cols_per_split = triton.cdiv(units, splits) * SPLIT_ALIGN
+    splits = triton.cdiv(vocab, cols_per_split)  # no empty split
     partials = torch.empty(6, splits, n, dtype=torch.float32, device=hidden.device)
     if n == 0:
         return partials
+    kernel, cfg = _launcher(_fused_fwd_kernel, FWD_CONFIGS, TUNE_FWD, hidden)
     softcap = params.softcap if params.softcap is not None else 1.0
-    _fused_fwd_kernel[(n_blocks, splits)](
+    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](
         hidden, weight, bias if bias is not None else weight, labels, partials,
-        n, vocab, h, hidden.stride(0), weight.stride(0), tiles_per_split,
+        n, vocab, h, hidden.stride(0), weight.stride(0), cols_per_split,
         params.beta, softcap, params.ignore_index,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None,
         **_dot_flags(hidden.dtype), **cfg,
@@ -325,6 +417,7 @@ def fused_tofu_merge(
     """Combine ``(6, S, N)`` partials into per-token fp32 losses ``(N,)``, stats ``(4, N)`` and
     the backward's per-row terms ``(4, N)``: row max, g / sb, target column, g."""
     n = labels.shape[0]
+    labels = labels.contiguous()
     loss = torch.empty(n, dtype=torch.float32, device=labels.device)
     stats = torch.empty(4, n, dtype=torch.float32, device=labels.device)
     rowterms = torch.empty(4, n, dtype=torch.float32, device=labels.device)
@@ -377,40 +470,66 @@ def fused_tofu_bwd(
     params: TOFUParams,
     needs: tuple[bool, bool, bool],
     filter_eps: float | None = None,
+    accum_fp32: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum_t grad_scale[t] * loss[t]`` (``grad_scale`` fp32, 1 or N elements) for
     (hidden, weight, bias) where ``needs`` says so. ``filter_eps``: None picks the default (on
-    for half precision, exact zeros only for fp32); 0 disables filtering."""
+    for half precision, exact zeros only for fp32); 0 disables filtering. ``accum_fp32``: sum
+    ``grad_weight`` in an fp32 (V, H) buffer and cast once, or add straight into a gradient of
+    the weight's dtype (no buffer; one rounding per token block). ``grad_hidden`` always sums in
+    fp32, one token slab of at most ``GX_SLAB_ELEMS`` elements at a time."""
     n, h = hidden.shape
     vocab = weight.shape[0]
-    dev = hidden.device
+    dev, f32 = hidden.device, torch.float32
+    labels, grad_scale = labels.contiguous(), grad_scale.contiguous()
     if filter_eps is None:
-        filter_eps = 0.0 if hidden.dtype == torch.float32 else FILTER_EPS_HALF
-    gx = torch.zeros(n, h, dtype=torch.float32, device=dev) if needs[0] else None
-    gw = torch.zeros(vocab, h, dtype=torch.float32, device=dev) if needs[1] else None
-    gb = torch.zeros(vocab, dtype=torch.float32, device=dev) if needs[2] else None
+        filter_eps = 0.0 if hidden.dtype == f32 else FILTER_EPS_HALF
+    # the interpreter has no bf16 atomics: it sums such a gradient in fp32 instead
+    w_acc = weight.dtype
+    if accum_fp32 or (interpreting() and w_acc == torch.bfloat16):
+        w_acc = f32
+    gx = torch.empty(n, h, dtype=hidden.dtype, device=dev) if needs[0] else None
+    gw = torch.zeros(vocab, h, dtype=w_acc, device=dev) if needs[1] else None
+    gb = torch.zeros(vocab, dtype=f32, device=dev) if needs[2] else None
     if n and any(needs):
         wmax = (rowterms[3] * grad_scale.abs().expand(n)).max().reshape(1)  # stays on the device
-        cfg = BWD_CONFIG
+        kernel, cfg = _launcher(
+            _fused_bwd_kernel, BWD_CONFIGS, TUNE_BWD, hidden, ("gx_ptr", "gw_ptr", "gb_ptr")
+        )
+        slab = n
+        if needs[0] and hidden.dtype != f32:  # grad_hidden sums in an fp32 slab, then is cast
+            slab = max(ROW_ALIGN, GX_SLAB_ELEMS // h // ROW_ALIGN * ROW_ALIGN)
+        row_scale = grad_scale.numel() > 1
         dummy = rowterms
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
-        _fused_bwd_kernel[grid](
-            hidden, weight, bias if bias is not None else weight, labels, rowterms, grad_scale,
-            wmax, gx if gx is not None else dummy, gw if gw is not None else dummy,
-            gb if gb is not None else dummy,
-            n, vocab, h, hidden.stride(0), weight.stride(0), 1 if grad_scale.numel() > 1 else 0,
-            params.beta, params.softcap if params.softcap is not None else 1.0,
-            params.ignore_index, float(filter_eps),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None,
-            GRAD_X=needs[0], GRAD_W=needs[1], GRAD_B=needs[2], **_dot_flags(hidden.dtype), **cfg,
-        )  # fmt: skip
-    # Cast one accumulator at a time, dropping each fp32 buffer before the next cast.
-    grads = [gx, gw, gb]
-    del gx, gw, gb
-    for i, like in enumerate((hidden, weight, bias)):
-        if grads[i] is not None:
-            grads[i] = grads[i].to(like.dtype)
-    return tuple(grads)
+        for s in range(0, n, slab):
+            e = min(s + slab, n)
+            gx_acc = dummy
+            if needs[0]:
+                gx_acc = (
+                    gx[s:e].zero_()
+                    if hidden.dtype == f32
+                    else hidden.new_zeros(e - s, h, dtype=f32)
+                )
+            kernel[_grid(e - s, vocab)](
+                hidden[s:e], weight, bias if bias is not None else weight, labels[s:e],
+                rowterms[:, s:e], grad_scale[s:e] if row_scale else grad_scale, wmax, gx_acc,
+                gw if gw is not None else dummy, gb if gb is not None else dummy,
+                e - s, vocab, h, hidden.stride(0), weight.stride(0), rowterms.stride(0),
+                int(row_scale), params.beta,
+                params.softcap if params.softcap is not None else 1.0, params.ignore_index,
+                float(filter_eps),
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None,
+                GRAD_X=needs[0], GRAD_W=needs[1], GRAD_B=needs[2], **_dot_flags(hidden.dtype),
+                **cfg,
+            )  # fmt: skip
+            if needs[0] and hidden.dtype != f32:
+                gx[s:e] = gx_acc
+    # Cast one fp32 buffer at a time, dropping each before the next cast.
+    if gw is not None:
+        gw = gw.to(weight.dtype)
+    if gb is not None:
+        gb = gb.to(bias.dtype)
+    return gx, gw, gb
 
 
 @torch.library.custom_op("tofu_kernels::fused_tofu_fwd", mutates_args=())
@@ -450,18 +569,20 @@ def fused_bwd_op(
     softcap: float | None,
     needs: list[bool],
     filter_eps: float | None,
+    accum_fp32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fused_tofu_bwd` as an opaque op; gradients not asked for come back empty."""
     params = TOFUParams(gamma, beta, ignore_index, "sum", softcap)
     grads = fused_tofu_bwd(
-        hidden, weight, labels, bias, rowterms, grad_scale, params, tuple(needs), filter_eps
-    )
+        hidden, weight, labels, bias, rowterms, grad_scale, params, tuple(needs), filter_eps,
+        accum_fp32,
+    )  # fmt: skip
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @fused_bwd_op.register_fake
 def _(hidden, weight, labels, bias, rowterms, grad_scale, gamma, beta, ignore_index, softcap,
-      needs, filter_eps):  # fmt: skip
+      needs, filter_eps, accum_fp32):  # fmt: skip
     empty = hidden.new_empty(0)
     return (
         torch.empty_like(hidden) if needs[0] else empty,
@@ -474,6 +595,7 @@ def _(hidden, weight, labels, bias, rowterms, grad_scale, gamma, beta, ignore_in
 class FusedParams:
     tofu: TOFUParams
     filter_eps: float | None = None
+    accum_fp32: bool = True  # grad_weight: fp32 buffer, or atomics in the weight's dtype
     # vocabulary parallel: this rank's shard of the vocabulary is [vocab_offset, + weight rows)
     process_group: object = None
     vocab_offset: int = 0
@@ -567,7 +689,7 @@ class FusedTOFUFunction(torch.autograd.Function):
         t = ctx.params.tofu
         grads = fused_bwd_op(
             x, w, y, bias, rowterms, grad_scale, t.gamma, t.beta, t.ignore_index, t.softcap,
-            list(ctx.needs), ctx.params.filter_eps,
+            list(ctx.needs), ctx.params.filter_eps, ctx.params.accum_fp32,
         )  # fmt: skip
         gx, gw, gb = (g if need else None for g, need in zip(grads, ctx.needs, strict=True))
         if gx is not None:

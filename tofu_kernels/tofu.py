@@ -219,6 +219,8 @@ def tofu_fwd(
     n, vocab = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("tofu_fwd needs logits with unit stride along the vocabulary")
+    labels = labels.contiguous()  # the kernel reads labels[row] and grad_scale[row] densely
+    grad_scale = grad_scale.contiguous() if grad_scale is not None else None
     loss, stats, grad = _row_outputs(logits, torch.float32, compute_grad, grad)
     if n == 0:
         return loss, stats, grad
