@@ -5,13 +5,15 @@
 # The last thing it prints is the headline table. Steps and options: bench/README.md.
 #
 #   bench/run_gpu.sh OUTDIR [--wheels DIR] [--total-s S] [--no-tests] [--preset h100]
-#                           [--results DIR]
+#                           [--results DIR] [--tune-s S]
+# --tune-s S: afterwards, S more seconds of bench/tune_fused.py (fused launch configs) into
+# OUTDIR/tune; not part of the 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 usage() {
     echo "usage: bench/run_gpu.sh OUTDIR [--wheels DIR (.whl)] [--total-s S (480)]" \
-        "[--no-tests] [--preset NAME (h100)] [--results DIR (bench/results)]"
+        "[--no-tests] [--preset NAME (h100)] [--results DIR (bench/results)] [--tune-s S (0)]"
 }
 
 OUT=""
@@ -20,6 +22,7 @@ TOTAL=480
 TESTS=1
 PRESET=h100
 RESULTS=bench/results
+TUNE=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --wheels) WHEELS=$2; shift 2 ;;
@@ -27,6 +30,7 @@ while [ $# -gt 0 ]; do
         --no-tests) TESTS=0; shift ;;
         --preset) PRESET=$2; shift 2 ;;
         --results) RESULTS=$2; shift 2 ;;
+        --tune-s) TUNE=$2; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         -*) echo "unknown option: $1"; usage; exit 2 ;;
         *) OUT=$1; shift ;;
@@ -89,6 +93,10 @@ main() {
         # Killed or crashed: results.json holds every finished case; report those.
         echo "== benchmark exit code $bench_rc: reporting the cases it finished"
         python3 bench/run.py --preset "$PRESET" --out "$OUT" --report-only --publish "$RESULTS"
+    fi
+    if [ "$TUNE" -gt 0 ]; then
+        echo "== fused launch configs: bench/tune_fused.py, budget $TUNE s"
+        timeout $((TUNE + 60)) python3 bench/tune_fused.py --budget-s "$TUNE" --out "$OUT/tune"
     fi
     [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
 }

@@ -213,3 +213,17 @@ def test_card_names(monkeypatch):
     assert report.card_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
     assert report.card_slug("NVIDIA H200") == "h200"
     assert report.card_slug("cpu") == "cpu"
+
+
+def test_tune_fused_smoke(tmp_path):
+    """bench/tune_fused.py end to end on CPU: every candidate row ran and agreed with the
+    default config (timings are not asserted)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "tune_fused.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "tune.json").read_text())
+    assert len(result["fwd"]) == 2 and len(result["bwd"]) == 4
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in result["fwd"] + result["bwd"])
+    assert "| bwd |" in (tmp_path / "tune.md").read_text()

@@ -1,0 +1,154 @@
+"""Time every candidate launch config of the fused kernels at one shape, to choose the fixed
+per-architecture defaults (``FWD_CONFIGS`` / ``BWD_CONFIGS`` in ``tofu_kernels/fused_tofu.py``).
+
+    python bench/tune_fused.py [--tokens 8192 --hidden 4096 --vocab 128256] [--budget-s 240]
+                               [--out DIR]
+
+Times, with ``triton.testing.do_bench``: the cuBLAS logits GEMM (the scale), the forward
+(partials + merge) for each of ``TUNE_FWD``, and the backward (grad_hidden and grad_weight, fp32
+and bf16 ``grad_weight`` accumulation) for each of ``TUNE_BWD``. A config that does not fit the
+card (shared memory, registers) is a row with its error, and one whose output differs from the
+default config's by more than 2e-2 of the largest value a "mismatch" row. Prints a table per
+kernel, fastest first, and writes ``DIR/tune.json``. On CPU (``--smoke``) it runs two
+candidates of each at tiny shapes through the interpreter: the timings mean nothing there, the
+script is what is tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the GPU machine runs from the checkout
+    sys.path.insert(1, str(ROOT))
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton.testing  # noqa: E402
+
+from tofu_kernels import fused_tofu  # noqa: E402
+from tofu_kernels.utils import TOFUParams  # noqa: E402
+
+
+def bench_ms(fn, device: str) -> float:
+    if device == "cpu":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+
+def tune(args: argparse.Namespace) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16
+    n, h, v = args.tokens, args.hidden, args.vocab
+    torch.manual_seed(0)
+    x = torch.randn(n, h, device=device).to(dtype)
+    w = (torch.randn(v, h, device=device) * 3 / h**0.5).to(dtype)
+    y = torch.randint(0, v, (n,), device=device)
+    params = TOFUParams()
+    major = torch.cuda.get_device_capability()[0] if device == "cuda" else 9
+    deadline = time.monotonic() + args.budget_s
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "shape": dict(tokens=n, hidden=h, vocab=v, dtype=str(dtype)),
+        "gemm_ms": bench_ms(lambda: x @ w.T, device),
+        "fwd": [],
+        "bwd": [],
+    }
+    # the default configs' results: every candidate must agree with them
+    loss_ref, _, rowterms = fused_tofu.fused_tofu_fwd(x, w, y, None, params)
+    scale = torch.full((1,), 1.0 / n, device=device)
+    gx_ref = fused_tofu.fused_tofu_bwd(
+        x, w, y, None, rowterms, scale, params, (True, False, False)
+    )[0]
+    candidates = fused_tofu.TUNE_FWD, fused_tofu.TUNE_BWD
+    if args.smoke:
+        candidates = tuple(c[:2] for c in candidates)
+    runs = [("fwd", c, None) for c in candidates[0]]
+    runs += [("bwd", c, accum) for c in candidates[1] for accum in (True, False)]
+    for kind, config, accum_fp32 in runs:
+        row = dict(config, status="ok", ms=None)
+        if accum_fp32 is not None:
+            row["grad_weight_accum"] = "fp32" if accum_fp32 else "bf16"
+        if time.monotonic() > deadline:
+            row["status"] = "skipped: budget"
+            result[kind].append(row)
+            continue
+        table = fused_tofu.FWD_CONFIGS if kind == "fwd" else fused_tofu.BWD_CONFIGS
+        saved = dict(table)
+        table[major] = config
+        try:
+            if kind == "fwd":
+                fn = lambda: fused_tofu.fused_tofu_fwd(x, w, y, None, params)  # noqa: E731
+            else:
+                fn = lambda acc=accum_fp32: fused_tofu.fused_tofu_bwd(  # noqa: E731
+                    x, w, y, None, rowterms, scale, params, (True, True, False), None, acc
+                )
+            out = fn()[0]  # compiles outside the timing
+            ref = loss_ref if kind == "fwd" else gx_ref
+            diff = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            row["ms"] = bench_ms(fn, device)
+            if not diff <= 2e-2:  # the GPU tests' gradient tolerance
+                row["status"] = f"mismatch: {diff:.1e} from the default config"
+        except Exception as exc:  # a config that does not fit the card is a row, not a crash
+            row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+        finally:
+            table.clear()
+            table.update(saved)
+        result[kind].append(row)
+        print(kind, row, flush=True)
+    return result
+
+
+def report(result: dict) -> str:
+    lines = [
+        f"{result['device']}, torch {result['torch']}, triton {result['triton']}, "
+        f"{result['shape']}; logits GEMM {result['gemm_ms']:.2f} ms"
+    ]
+    for kind in ("fwd", "bwd"):
+        lines += ["", f"| {kind} | BLOCK_N | BLOCK_V | BLOCK_K | warps | stages | accum | ms |"]
+        lines.append("|---|---|---|---|---|---|---|---|")
+        rows = sorted(result[kind], key=lambda r: (r["ms"] is None, r["ms"] or 0.0))
+        for r in rows:
+            ms = f"{r['ms']:.2f}" if r["status"] == "ok" else r["status"]
+            lines.append(
+                f"| {kind} | {r['BLOCK_N']} | {r['BLOCK_V']} | {r['BLOCK_K']} | {r['num_warps']} "
+                f"| {r['num_stages']} | {r.get('grad_weight_accum', '')} | {ms} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--smoke", action="store_true", help="CPU: two configs each, tiny shapes")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if not args.smoke and not torch.cuda.is_available():
+        ap.error("the real shapes need a CUDA device (use --smoke on CPU)")
+    if args.smoke:
+        args.tokens, args.hidden, args.vocab = 24, 40, 300
+    result = tune(args)
+    text = report(result)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tune.json").write_text(json.dumps(result, indent=1))
+        (args.out / "tune.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
