@@ -17,7 +17,10 @@ import torch.distributed as dist
 from helpers import TINY_LLAMA
 
 WORLD = 2
-CASES = [(False, False), (True, False), (False, True)]  # (lm_head its own unit, tied embeddings)
+# (lm_head its own unit, tied embeddings, impl): "fused" reads the head's weight again in
+# backward, when FSDP2 must have gathered it once more
+CASES = [(False, False, "torch"), (True, False, "torch"), (False, True, "torch"),
+         (True, False, "fused"), (False, True, "fused")]  # fmt: skip
 
 
 def _free_port() -> int:
@@ -26,27 +29,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _build(tied: bool):
+def _build(tied: bool, impl: str):
     import transformers
 
     from tofu_kernels.hf import apply_tofu_kernel
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**TINY_LLAMA, tie_word_embeddings=tied)
-    return apply_tofu_kernel(transformers.LlamaForCausalLM(config), impl="torch")
+    return apply_tofu_kernel(transformers.LlamaForCausalLM(config), impl=impl)
 
 
-def _check(rank: int, separate_head: bool, tied: bool) -> None:
+def _check(rank: int, separate_head: bool, tied: bool, impl: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
-    ref = _build(tied)
+    ref = _build(tied, impl)
     ref(input_ids=ids, labels=ids).loss.backward()
     for p in ref.parameters():
         dist.all_reduce(p.grad)
         p.grad /= WORLD
 
-    model = _build(tied)
+    model = _build(tied, impl)
     for layer in model.model.layers:
         fully_shard(layer)
     if separate_head:
@@ -55,15 +58,32 @@ def _check(rank: int, separate_head: bool, tied: bool) -> None:
     model(input_ids=ids, labels=ids).loss.backward()
     for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         err = ((p.grad.full_tensor() - q.grad).abs().max() / q.grad.abs().max()).item()
-        assert err < 1e-5, f"{separate_head=}, {tied=}, {name}: relative error {err:.1e}"
+        assert err < 1e-5, f"{separate_head=}, {tied=}, {impl=}, {name}: relative error {err:.1e}"
+
+
+def _no_logits_with_fused_head_unit() -> None:
+    """Detached logits give FSDP2 no hook on lm_head's output: a clear error, not garbage."""
+    import pytest
+    from torch.distributed.fsdp import fully_shard
+
+    from tofu_kernels.hf import apply_tofu_kernel
+
+    model = _build(False, "fused")
+    apply_tofu_kernel(model, impl="fused", return_logits=True)
+    fully_shard(model.lm_head)
+    fully_shard(model)
+    ids = torch.randint(0, 64, (2, 8))
+    with pytest.raises(ValueError, match="return_logits"):
+        model(input_ids=ids, labels=ids)
 
 
 def _worker(rank: int, port: int) -> None:
     url = f"tcp://127.0.0.1:{port}"
     dist.init_process_group("gloo", init_method=url, rank=rank, world_size=WORLD)
     try:
-        for separate_head, tied in CASES:
-            _check(rank, separate_head, tied)
+        for case in CASES:
+            _check(rank, *case)
+        _no_logits_with_fused_head_unit()
     finally:
         dist.destroy_process_group()
 

@@ -14,8 +14,10 @@ function that computes :func:`~tofu_kernels.fused_linear_tofu_loss` from lm_head
 final hidden states, already cut by ``logits_to_keep``) and returns a zero-width placeholder
 instead of the logits. The model's forward thus keeps all of its argument handling, whatever the
 transformers version, and ``lm_head`` is still entered through its own ``__call__``: module hooks
-(FSDP2's parameter all-gather, accelerate's device hooks) fire around the fused loss, which needs
-no weight in backward (its gradients are made in forward). What a model does to lm_head's output
+(FSDP2's parameter all-gather, accelerate's device hooks) fire around the fused loss. The
+placeholder is computed from the loss and the returned loss is joined to it (``+ 0``), so hooks
+on lm_head's output also run before the loss's backward: FSDP2 gathers the weight again there,
+which ``impl="fused"`` reads in backward. What a model does to lm_head's output
 before its loss (Gemma-2's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's
 ``logits_scaling``) is applied inside the kernel, from a small registry (:data:`HEAD_SPECS`);
 :func:`apply_tofu_kernel` checks it on a 4-token forward, so an architecture that does something
@@ -283,6 +285,14 @@ class _TOFUState:
         self.stats: TOFUStats | None = None
 
 
+def _is_fsdp_unit(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
 class _FusedHead:
     """Stands in for lm_head's forward during one training forward: the loss, not the logits."""
 
@@ -297,6 +307,7 @@ class _FusedHead:
         self.num_items_in_batch = num_items_in_batch
         self.calls = 0
         self.loss: torch.Tensor | None = None
+        self.anchor: torch.Tensor | None = None
         self.stats: TOFUStats | None = None
         self.real_forward: Callable[..., torch.Tensor] | None = None
 
@@ -335,10 +346,20 @@ class _FusedHead:
             return_stats=True,
         )
         if st.return_logits:
+            if _IMPLS[st.impl][0] == "fused" and _is_fsdp_unit(self.head):
+                raise ValueError(
+                    "impl='fused' with return_logits=True cannot run with lm_head as its own "
+                    "FSDP2 unit: the fused backward reads the weight, and the detached logits "
+                    "give FSDP2 no hook to gather it again; use impl='chunked' or no logits"
+                )
             with torch.no_grad():
                 return self.real_forward(x)
-        # The model's own post-processing (softcap, scaling) runs on this empty tensor for free.
-        return x.new_empty((*x.shape[:-1], 0))
+        # An empty "logits" tensor (the model's own softcap or scaling runs on it for free),
+        # computed from the loss; the model's loss is then joined to it. Hooks on lm_head's
+        # output, such as FSDP2's re-gather of the weight, so run before the loss's backward
+        # (which reads the weight again with impl="fused").
+        self.anchor = x.new_zeros((*x.shape[:-1], 0)) * self.loss.to(x.dtype)
+        return self.anchor
 
 
 def _aux_loss(model: nn.Module, out: Mapping[str, Any], loss: torch.Tensor) -> torch.Tensor:
@@ -418,6 +439,8 @@ def _forward_with_labels(
                 f"{fused.calls} times); the fused TOFU loss cannot be computed"
             )
         loss, stats = fused.loss, fused.stats
+        if fused.anchor is not None:  # + 0: the backward passes through lm_head's output
+            loss = loss + fused.anchor.sum()
         keep_logits = state.return_logits
     else:  # evaluation: the model's own logits, TOFU on them (differentiable if grad is on)
         out = original(*call_args, **call_kwargs)
@@ -602,8 +625,8 @@ def apply_tofu_kernel(
         impl: ``"auto"`` (Triton on GPU, PyTorch on CPU), ``"chunked"`` (alias ``"triton"``),
             ``"fused"`` or ``"torch"``: the impl of the fused loss in training (see
             :func:`~tofu_kernels.fused_linear_tofu_loss`); eval logits use the logits kernel.
-            Under FSDP2 keep a gradient-in-forward impl (auto/chunked/torch): "fused" reads
-            lm_head's weight again in backward, after FSDP2 has resharded it (untested there).
+            All run under FSDP2 (``"fused"``, which reads lm_head's weight again in backward,
+            through the head's own output hooks; not with ``return_logits``).
         chunk_size: tokens per chunk of the fused loss (default: see ``fused_linear_tofu_loss``).
         return_logits: also return detached logits from training forwards (costs their memory).
         verify: run one 4-token forward to check that the model's logits are what the fused loss
