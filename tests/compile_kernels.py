@@ -117,8 +117,37 @@ def fused_kernel_specs(major: int):
     yield "fused_merge", fused_tofu._fused_merge_kernel, signature, {"BLOCK_N": 128}, {}
 
 
+def vocab_chunked_specs():
+    """The vocabulary-chunked impl's two kernels over a chunk's logits, per dtype."""
+    from tofu_kernels import vocab_chunked
+
+    for ty, softcap in (("*fp32", True), ("*bf16", True), ("*bf16", False), ("*fp16", True)):
+        for name, kernel, cfg in (
+            ("partials", vocab_chunked._chunk_partials_kernel, vocab_chunked.PARTIALS_CONFIG),
+            ("grad", vocab_chunked._chunk_grad_kernel, vocab_chunked.GRAD_CONFIG),
+        ):
+            if name == "partials":
+                signature = {
+                    "z_ptr": ty, "labels_ptr": "*i64", "part_ptr": "*fp32", "N": "i32",
+                    "C": "i32", "col0": "i32", "stride_zn": "i64", "split": "i32",
+                    "n_splits": "i32",
+                }  # fmt: skip
+            else:
+                signature = {
+                    "z_ptr": ty, "labels_ptr": "*i64", "rowterm_ptr": "*fp32",
+                    "scale_ptr": "*fp32", "N": "i32", "C": "i32", "col0": "i32",
+                    "stride_zn": "i64", "stride_rt": "i32", "stride_scale": "i32",
+                }  # fmt: skip
+            signature.update(beta="fp32", softcap="fp32", ignore_index="i32")
+            blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+            signature.update({k: "constexpr" for k in ("HAS_SOFTCAP", *blocks)})
+            options = {"num_warps": cfg["num_warps"]}
+            label = f"vocab_chunked_{name}[{ty} softcap={softcap}]"
+            yield label, kernel, signature, {"HAS_SOFTCAP": softcap, **blocks}, options
+
+
 def all_specs(major: int):
-    return [*kernel_specs(), *fused_kernel_specs(major)]
+    return [*kernel_specs(), *fused_kernel_specs(major), *vocab_chunked_specs()]
 
 
 def compile_one(job: tuple[int, int]) -> str | None:

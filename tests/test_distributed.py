@@ -13,10 +13,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-CASES = [  # (reduction, ignored fraction, bias, softcap)
-    ("mean", 0.3, True, None),
-    ("sum", 0.0, False, 20.0),
-    ("none", 0.5, True, 5.0),
+CASES = [  # (reduction, ignored fraction, bias, softcap, impl)
+    ("mean", 0.3, True, None, "fused"),
+    ("sum", 0.0, False, 20.0, "fused"),
+    ("none", 0.5, True, 5.0, "fused"),
+    ("none", 0.3, True, 5.0, "vocab_chunked"),  # its chunks of 64 columns split the shards
+    ("mean", 0.0, False, None, "vocab_chunked"),
 ]
 
 
@@ -39,12 +41,14 @@ def _worker(rank: int, world: int, init_file: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        for i, (reduction, ignored, use_bias, softcap) in enumerate(CASES):
+        for i, (reduction, ignored, use_bias, softcap, impl) in enumerate(CASES):
             torch.manual_seed(i)  # the same inputs on every rank
             x, w, b, y = make_inputs((3, 7), 37, 301, torch.float32, "cpu", bias=use_bias,
                                      ignored=ignored)  # fmt: skip
             grad_out = torch.randn(3, 7) if reduction == "none" else torch.tensor(1.7)
-            kwargs = dict(reduction=reduction, softcap=softcap, gamma=1.0, beta=0.7, impl="fused")
+            kwargs = dict(reduction=reduction, softcap=softcap, gamma=1.0, beta=0.7, impl=impl)
+            if impl == "vocab_chunked":
+                kwargs["chunk_size"] = 64
             shards = torch.tensor_split(torch.arange(w.shape[0]), world)[rank]
             lo, hi = int(shards[0]), int(shards[-1]) + 1
             b_shard = b[lo:hi] if b is not None else None

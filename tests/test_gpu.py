@@ -42,6 +42,7 @@ def test_out_of_range_label_is_nan_on_gpu():
 @pytest.mark.parametrize(
     "impl,accum_dtype,frozen",
     [("chunked", torch.float32, False), ("chunked", torch.float32, True),
+     ("vocab_chunked", torch.float32, False), ("vocab_chunked", torch.float32, True),
      ("fused", torch.float32, False), ("fused", torch.float32, True), ("fused", None, False)],
 )  # fmt: skip
 def test_fused_linear_llama3_head_bf16_against_oracle(impl, accum_dtype, frozen):
@@ -62,7 +63,7 @@ def test_fused_linear_llama3_head_bf16_against_oracle(impl, accum_dtype, frozen)
         assert w.grad is None
 
 
-@pytest.mark.parametrize("impl", ["chunked", "fused"])
+@pytest.mark.parametrize("impl", ["chunked", "vocab_chunked", "fused"])
 def test_no_host_device_sync_in_the_hot_path(impl):
     x = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(32000, 512, device="cuda") / 20).to(torch.bfloat16).requires_grad_(True)
@@ -80,7 +81,7 @@ def test_no_host_device_sync_in_the_hot_path(impl):
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("impl", ["chunked", "fused"])
+@pytest.mark.parametrize("impl", ["chunked", "vocab_chunked", "fused"])
 def test_cuda_graph_capture_of_a_training_step(impl):
     x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(10000, 256, device="cuda") / 16).to(torch.bfloat16).requires_grad_(True)
@@ -109,7 +110,7 @@ def test_cuda_graph_capture_of_a_training_step(impl):
         assert_close(got, want, 1e-2, "replayed graph vs eager")
 
 
-@pytest.mark.parametrize("impl", ["chunked", "fused"])
+@pytest.mark.parametrize("impl", ["chunked", "vocab_chunked", "fused"])
 def test_inductor_fullgraph_matches_eager(impl):
     x = torch.randn(2, 256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(32000, 512, device="cuda") / 20).to(torch.bfloat16).requires_grad_(True)

@@ -17,10 +17,11 @@ import torch.distributed as dist
 from helpers import TINY_LLAMA
 
 WORLD = 2
-# (lm_head its own unit, tied embeddings, impl): "fused" reads the head's weight again in
-# backward, when FSDP2 must have gathered it once more
+# (lm_head its own unit, tied embeddings, impl): "fused" and "vocab_chunked" read the head's
+# weight again in backward, when FSDP2 must have gathered it once more
 CASES = [(False, False, "torch"), (True, False, "torch"), (False, True, "torch"),
-         (True, False, "fused"), (False, True, "fused")]  # fmt: skip
+         (True, False, "fused"), (False, True, "fused"),
+         (True, False, "vocab_chunked")]  # fmt: skip
 
 
 def _free_port() -> int:

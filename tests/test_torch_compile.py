@@ -1,7 +1,9 @@
 """torch.compile(fullgraph=True) traces through every op with no graph break, same results.
 
 CPU with the aot_eager backend: the Triton launches sit inside opaque custom ops, so the graph is
-the same whether the kernels run compiled on a GPU or interpreted here.
+the same whether the kernels run compiled on a GPU or interpreted here. Compiled and eager runs
+agree to fp32 accuracy, not bitwise: ATen's vectorized reductions sum in an order that depends
+on the tensors' memory alignment (about 1 run in 6 differed by 2e-6 at these shapes).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import make_inputs, random_labels, rel_err
+from helpers import GRAD_RTOL, make_inputs, random_labels, rel_err
 from tofu_kernels import fused_linear_tofu_loss, tofu_loss
 
 
@@ -31,10 +33,10 @@ def test_tofu_loss_compiles_fullgraph(device, impl, reduction):
         loss.sum().backward()
         results.append((loss.detach(), z.grad))
     for eager, comp in zip(*results, strict=True):
-        assert rel_err(comp, eager) < 1e-6
+        assert rel_err(comp, eager) < GRAD_RTOL[torch.float32]
 
 
-@pytest.mark.parametrize("impl", ["chunked", "fused", "torch"])
+@pytest.mark.parametrize("impl", ["chunked", "vocab_chunked", "fused", "torch"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_fused_linear_compiles_fullgraph(device, impl, reduction):
     torch._dynamo.reset()
@@ -56,4 +58,4 @@ def test_fused_linear_compiles_fullgraph(device, impl, reduction):
         loss.backward()
         results.append([loss.detach()] + [t.grad for t in leaves])
     for eager, comp in zip(*results, strict=True):
-        assert rel_err(comp, eager) < 1e-6
+        assert rel_err(comp, eager) < GRAD_RTOL[torch.float32]

@@ -146,23 +146,50 @@ def _fused_fwd_kernel(
                 x_ptr, w_ptr, b_ptr, rows64, cols.to(tl.int64), row_mask, col_mask, H, stride_xn,
                 stride_wv, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_K,
             )  # fmt: skip
-            z = tl.where(col_mask[None, :], z, -float("inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            alpha = tl.exp(m - m_new)
-            zm = z - m_new[:, None]
-            e1 = tl.exp(zm)
-            eb = tl.exp(zm * inv_beta)
-            is_y = cols[None, :] == y[:, None]
-            sz = alpha * (sz + (m - m_new) * s1) + tl.sum(
-                tl.where(col_mask[None, :], e1 * zm, 0.0), 1
+            m, s1, s1x, sbx, sz, zy, found = online_update(
+                z, cols, col_mask, y, inv_beta, m, s1, s1x, sbx, sz, zy, found
             )
-            s1 = alpha * s1 + tl.sum(e1, axis=1)
-            s1x = alpha * s1x + tl.sum(tl.where(is_y, 0.0, e1), axis=1)
-            sbx = tl.exp((m - m_new) * inv_beta) * sbx + tl.sum(tl.where(is_y, 0.0, eb), axis=1)
-            zy += tl.sum(tl.where(is_y, z, 0.0), axis=1)
-            found += tl.sum(is_y.to(tl.float32), axis=1)
-            m = m_new
+    store_partials(part_ptr, split, n_splits, N, rows, row_mask, m, s1, s1x, sbx, sz, zy, found)
 
+
+@triton.jit
+def online_update(z, cols, col_mask, y, inv_beta, m, s1, s1x, sbx, sz, zy, found):
+    """Fold an fp32 (rows, BLOCK_V) logits tile (softcapped; columns ``cols``, in range where
+    ``col_mask``) into each row's running max ``m`` and the sums relative to it: ``s1`` of
+    exp(z - m), ``s1x``/``sbx`` of exp(z - m) and exp((z - m) / beta) without the target,
+    ``sz`` of (z - m) exp(z - m); ``zy`` the target logit where ``found``."""
+    z = tl.where(col_mask[None, :], z, -float("inf"))
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp(m - m_new)
+    zm = z - m_new[:, None]
+    e1 = tl.exp(zm)
+    eb = tl.exp(zm * inv_beta)
+    is_y = cols[None, :] == y[:, None]
+    sz = alpha * (sz + (m - m_new) * s1) + tl.sum(tl.where(col_mask[None, :], e1 * zm, 0.0), 1)
+    s1 = alpha * s1 + tl.sum(e1, axis=1)
+    s1x = alpha * s1x + tl.sum(tl.where(is_y, 0.0, e1), axis=1)
+    sbx = tl.exp((m - m_new) * inv_beta) * sbx + tl.sum(tl.where(is_y, 0.0, eb), axis=1)
+    zy += tl.sum(tl.where(is_y, z, 0.0), axis=1)
+    found += tl.sum(is_y.to(tl.float32), axis=1)
+    return m_new, s1, s1x, sbx, sz, zy, found
+
+
+@triton.jit
+def tofu_dz(z, cols, y, m, coef, target, inv_beta, softcap, HAS_SOFTCAP: tl.constexpr):
+    """The gradient on an fp32 tile of softcapped logits ``z`` w.r.t. the logits before the
+    softcap: ``coef * exp((z - m) / beta)`` (``coef`` = scale * g / sb per row) off the target
+    column, ``target`` (= -scale * g * sbx / sb) on it, times the softcap's derivative."""
+    dz = tl.exp((z - m[:, None]) * inv_beta) * coef[:, None]
+    dz = tl.where(cols[None, :] == y[:, None], target[:, None], dz)
+    if HAS_SOFTCAP:
+        zc = z / softcap
+        dz = dz * (1.0 - zc * zc)
+    return dz
+
+
+@triton.jit
+def store_partials(part_ptr, split, n_splits, N, rows, row_mask, m, s1, s1x, sbx, sz, zy, found):
+    """Write a block of rows' running terms as vocabulary split ``split`` of (6, SPLITS, N)."""
     part = part_ptr + split * N + rows
     stride_part = n_splits * N
     tl.store(part, m, mask=row_mask)
@@ -276,11 +303,7 @@ def _fused_bwd_kernel(
             x_ptr, w_ptr, b_ptr, rows64, cols64, row_mask, col_mask, H, stride_xn, stride_wv,
             softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_K,
         )  # fmt: skip
-        dz = tl.exp((z - m[:, None]) * (1.0 / beta)) * coef[:, None]
-        dz = tl.where(cols[None, :] == y[:, None], target[:, None], dz)
-        if HAS_SOFTCAP:
-            zc = z / softcap
-            dz = dz * (1.0 - zc * zc)
+        dz = tofu_dz(z, cols, y, m, coef, target, 1.0 / beta, softcap, HAS_SOFTCAP)
         dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
         # vocabulary tiles whose every entry is below the threshold are skipped (CCE-style)
         if tl.max(tl.max(tl.abs(dz), axis=1), axis=0) > threshold:
@@ -532,6 +555,24 @@ def fused_tofu_bwd(
     return gx, gw, gb
 
 
+def recompute_partials(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    params: TOFUParams,
+    impl: str = "fused",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``(6, S, N)`` partials of a recompute-in-backward impl: the fused kernel, or
+    ``impl="vocab_chunked"``'s cuBLAS chunks (whose module imports this one)."""
+    if impl == "vocab_chunked":
+        from tofu_kernels.vocab_chunked import vocab_chunked_partials
+
+        return vocab_chunked_partials(hidden, weight, labels, bias, params, chunk_size)
+    return fused_tofu_partials(hidden, weight, labels, bias, params)
+
+
 @torch.library.custom_op("tofu_kernels::fused_tofu_fwd", mutates_args=())
 def fused_fwd_op(
     hidden: torch.Tensor,
@@ -542,14 +583,18 @@ def fused_fwd_op(
     beta: float,
     ignore_index: int,
     softcap: float | None,
+    impl: str,
+    chunk_size: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`fused_tofu_fwd` as an opaque op for ``torch.compile``."""
+    """The forward of ``impl`` ("fused" or "vocab_chunked") as an opaque op for
+    ``torch.compile``: per-token losses, stats and the backward's per-row terms."""
     params = TOFUParams(gamma, beta, ignore_index, "sum", softcap)
-    return fused_tofu_fwd(hidden, weight, labels, bias, params)
+    partials = recompute_partials(hidden, weight, labels, bias, params, impl, chunk_size)
+    return fused_tofu_merge(partials, labels, weight.shape[0], params)
 
 
 @fused_fwd_op.register_fake
-def _(hidden, weight, labels, bias, gamma, beta, ignore_index, softcap):
+def _(hidden, weight, labels, bias, gamma, beta, ignore_index, softcap, impl, chunk_size):
     n = hidden.shape[0]
     return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(4, n, dtype=torch.float32),
             hidden.new_empty(4, n, dtype=torch.float32))  # fmt: skip
@@ -570,19 +615,28 @@ def fused_bwd_op(
     needs: list[bool],
     filter_eps: float | None,
     accum_fp32: bool,
+    impl: str,
+    chunk_size: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`fused_tofu_bwd` as an opaque op; gradients not asked for come back empty."""
+    """The backward of ``impl`` as an opaque op; gradients not asked for come back empty."""
     params = TOFUParams(gamma, beta, ignore_index, "sum", softcap)
-    grads = fused_tofu_bwd(
-        hidden, weight, labels, bias, rowterms, grad_scale, params, tuple(needs), filter_eps,
-        accum_fp32,
-    )  # fmt: skip
+    if impl == "vocab_chunked":
+        from tofu_kernels.vocab_chunked import vocab_chunked_bwd
+
+        grads = vocab_chunked_bwd(
+            hidden, weight, labels, bias, rowterms, grad_scale, params, tuple(needs), chunk_size
+        )
+    else:
+        grads = fused_tofu_bwd(
+            hidden, weight, labels, bias, rowterms, grad_scale, params, tuple(needs),
+            filter_eps, accum_fp32,
+        )  # fmt: skip
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @fused_bwd_op.register_fake
 def _(hidden, weight, labels, bias, rowterms, grad_scale, gamma, beta, ignore_index, softcap,
-      needs, filter_eps, accum_fp32):  # fmt: skip
+      needs, filter_eps, accum_fp32, impl, chunk_size):  # fmt: skip
     empty = hidden.new_empty(0)
     return (
         torch.empty_like(hidden) if needs[0] else empty,
@@ -593,6 +647,9 @@ def _(hidden, weight, labels, bias, rowterms, grad_scale, gamma, beta, ignore_in
 
 @dataclass(frozen=True)
 class FusedParams:
+    """Options of the recompute-in-backward impls: "fused", and "vocab_chunked" (its chunk
+    size in vocabulary columns)."""
+
     tofu: TOFUParams
     filter_eps: float | None = None
     accum_fp32: bool = True  # grad_weight: fp32 buffer, or atomics in the weight's dtype
@@ -600,6 +657,8 @@ class FusedParams:
     process_group: object = None
     vocab_offset: int = 0
     vocab: int = 0  # the global vocabulary size
+    impl: str = "fused"
+    chunk_size: int | None = None
 
 
 _SHARDS: dict = {}
@@ -632,7 +691,10 @@ def _vocab_parallel_fwd(x, w, y, bias, params: FusedParams):
     """Each rank reduces its shard to per-row partials; one all_gather gives every rank all of
     them, and the merge (identical on every rank) the global loss, g and softmax terms."""
     group = params.process_group
-    partials = fused_tofu_partials(x, w, _local_labels(y, params, w.shape[0]), bias, params.tofu)
+    partials = recompute_partials(
+        x, w, _local_labels(y, params, w.shape[0]), bias, params.tofu, params.impl,
+        params.chunk_size,
+    )  # fmt: skip
     mine = collapse_splits(partials, params.tofu.beta).contiguous()
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
@@ -665,8 +727,9 @@ class FusedTOFUFunction(torch.autograd.Function):
         t = params.tofu
         if params.process_group is None:
             loss_rows, row_stats, rowterms = fused_fwd_op(
-                x, w, y, bias, t.gamma, t.beta, t.ignore_index, t.softcap
-            )
+                x, w, y, bias, t.gamma, t.beta, t.ignore_index, t.softcap, params.impl,
+                params.chunk_size,
+            )  # fmt: skip
         else:
             loss_rows, row_stats, rowterms = _vocab_parallel_fwd(x, w, y, bias, params)
             y = _local_labels(y, params, w.shape[0])  # backward matches targets in the shard
@@ -689,7 +752,8 @@ class FusedTOFUFunction(torch.autograd.Function):
         t = ctx.params.tofu
         grads = fused_bwd_op(
             x, w, y, bias, rowterms, grad_scale, t.gamma, t.beta, t.ignore_index, t.softcap,
-            list(ctx.needs), ctx.params.filter_eps, ctx.params.accum_fp32,
+            list(ctx.needs), ctx.params.filter_eps, ctx.params.accum_fp32, ctx.params.impl,
+            ctx.params.chunk_size,
         )  # fmt: skip
         gx, gw, gb = (g if need else None for g, need in zip(grads, ctx.needs, strict=True))
         if gx is not None:

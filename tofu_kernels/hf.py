@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tofu_kernels.linear_tofu import fused_linear_tofu_loss
+from tofu_kernels.linear_tofu import RECOMPUTE_IMPLS, fused_linear_tofu_loss
 from tofu_kernels.tofu import tofu_loss
 from tofu_kernels.utils import TOFUParams, TOFUStats
 
@@ -74,6 +74,7 @@ _IMPLS = {
     "auto": ("auto", "auto"),
     "triton": ("chunked", "triton"),
     "chunked": ("chunked", "triton"),
+    "vocab_chunked": ("vocab_chunked", "triton"),
     "fused": ("fused", "triton"),
     "torch": ("torch", "torch"),
 }
@@ -346,10 +347,10 @@ class _FusedHead:
             return_stats=True,
         )
         if st.return_logits:
-            if _IMPLS[st.impl][0] == "fused" and _is_fsdp_unit(self.head):
+            if _IMPLS[st.impl][0] in RECOMPUTE_IMPLS and _is_fsdp_unit(self.head):
                 raise ValueError(
-                    "impl='fused' with return_logits=True cannot run with lm_head as its own "
-                    "FSDP2 unit: the fused backward reads the weight, and the detached logits "
+                    f"impl={st.impl!r} with return_logits=True cannot run with lm_head as its "
+                    "own FSDP2 unit: its backward reads the weight, and the detached logits "
                     "give FSDP2 no hook to gather it again; use impl='chunked' or no logits"
                 )
             with torch.no_grad():
@@ -357,7 +358,7 @@ class _FusedHead:
         # An empty "logits" tensor (the model's own softcap or scaling runs on it for free),
         # computed from the loss; the model's loss is then joined to it. Hooks on lm_head's
         # output, such as FSDP2's re-gather of the weight, so run before the loss's backward
-        # (which reads the weight again with impl="fused").
+        # (which reads the weight again with impl="fused" or "vocab_chunked").
         self.anchor = x.new_zeros((*x.shape[:-1], 0)) * self.loss.to(x.dtype)
         return self.anchor
 
@@ -623,11 +624,13 @@ def apply_tofu_kernel(
             ``lm_head``, and bf16/fp16 models are supported.
         gamma, beta, ignore_index: the TOFU options (see :func:`tofu_kernels.tofu_loss`).
         impl: ``"auto"`` (Triton on GPU, PyTorch on CPU), ``"chunked"`` (alias ``"triton"``),
-            ``"fused"`` or ``"torch"``: the impl of the fused loss in training (see
-            :func:`~tofu_kernels.fused_linear_tofu_loss`); eval logits use the logits kernel.
-            All run under FSDP2 (``"fused"``, which reads lm_head's weight again in backward,
-            through the head's own output hooks; not with ``return_logits``).
-        chunk_size: tokens per chunk of the fused loss (default: see ``fused_linear_tofu_loss``).
+            ``"vocab_chunked"``, ``"fused"`` or ``"torch"``: the impl of the fused loss in
+            training (see :func:`~tofu_kernels.fused_linear_tofu_loss`); eval logits use the
+            logits kernel. All run under FSDP2 (``"vocab_chunked"`` and ``"fused"``, which read
+            lm_head's weight again in backward, through the head's own output hooks; not with
+            ``return_logits``).
+        chunk_size: tokens (vocabulary columns for ``"vocab_chunked"``) per chunk of the fused
+            loss (default: see ``fused_linear_tofu_loss``).
         return_logits: also return detached logits from training forwards (costs their memory).
         verify: run one 4-token forward to check that the model's logits are what the fused loss
             reads (``softcap(scale * lm_head(hidden))``). Turn off only where the model cannot

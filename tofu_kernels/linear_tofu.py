@@ -20,18 +20,22 @@ from tofu_kernels.utils import (
     TORCH_DTYPES,
     TOFUParams,
     TOFUStats,
+    accumulate,
     check_backward,
     check_label_range,
     check_labels,
     check_num_items,
     check_tensor,
     grad_multiplier,
+    interpreting,
     reduce_loss,
     reduction_scale,
     use_triton,
 )
 
-LINEAR_IMPLS = ("auto", "chunked", "fused", "torch")
+LINEAR_IMPLS = ("auto", "chunked", "vocab_chunked", "fused", "torch")
+# impls that save O(N) per-row terms and compute the gradients in backward
+RECOMPUTE_IMPLS = ("vocab_chunked", "fused")
 # Default chunk: its logits about the size of `hidden` (N * H elements), but at least this many
 # rows, so the grad_weight GEMM (K = chunk rows) is not starved on large vocabularies.
 MIN_CHUNK_ROWS = 256
@@ -50,24 +54,6 @@ class LinearTOFUParams:
 def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
     """Rows per chunk so that the chunk's logits hold about as many elements as ``hidden``."""
     return max(1, min(n_rows, max(MIN_CHUNK_ROWS, math.ceil(n_rows * hidden / vocab))))
-
-
-_ADDMM_OUT_DTYPE = True  # torch.addmm(..., out_dtype=float32) on CUDA; off after one failure
-
-
-def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` possibly fp32 while ``a, b`` are half precision."""
-    global _ADDMM_OUT_DTYPE
-    if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
-        return
-    if a.is_cuda and _ADDMM_OUT_DTYPE:
-        try:  # no (V, H) half-precision temporary: cuBLAS writes fp32 directly
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, TypeError):
-            _ADDMM_OUT_DTYPE = False
-    acc.add_(a @ b)
 
 
 def linear_tofu_fwd(
@@ -137,7 +123,7 @@ def linear_tofu_fwd(
         if g_hidden is not None:
             torch.mm(g, weight, out=g_hidden[s:e])
         if g_weight is not None:
-            _accumulate(g_weight, g.t(), x)
+            accumulate(g_weight, g.t(), x)
         if g_bias is not None:
             g_bias.add_(g.sum(0, dtype=acc_dtype))
 
@@ -305,11 +291,16 @@ def fused_linear_tofu_loss(
         bias: optional ``(V,)``.
         chunk_size: tokens per chunk; default: the chunk's logits about the size of ``hidden``
             (at least ``MIN_CHUNK_ROWS`` rows). Smaller chunks save memory, but the
-            ``grad_weight`` GEMM (inner dimension = chunk) becomes memory-bound.
-        impl: ``"chunked"`` (cuBLAS GEMMs + the Triton TOFU kernel), ``"fused"`` (the projection
-            inside Triton too: logits only in registers, O(N) saved floats, recomputed in
-            backward), ``"torch"`` (the chunked algorithm, TOFU in PyTorch) or ``"auto"``:
-            chunked for GPU tensors and under ``TRITON_INTERPRET=1``, torch for CPU tensors.
+            ``grad_weight`` GEMM (inner dimension = chunk) becomes memory-bound. For
+            ``impl="vocab_chunked"``: vocabulary columns per chunk (default H, at least 2048).
+        impl: ``"chunked"`` (cuBLAS GEMMs + the Triton TOFU kernel, over chunks of tokens,
+            gradients made in forward), ``"vocab_chunked"`` (the same over chunks of vocabulary
+            columns, O(N) saved floats, recomputed in backward: each chunk's ``grad_weight``
+            rows come from one GEMM over all tokens, no accumulator), ``"fused"`` (the
+            projection inside Triton too: logits only in registers, O(N) saved floats,
+            recomputed in backward), ``"torch"`` (the chunked algorithm, TOFU in PyTorch) or
+            ``"auto"``: chunked for GPU tensors and under ``TRITON_INTERPRET=1``, torch for CPU
+            tensors.
         accum_dtype: dtype of the ``grad_weight``/``grad_bias`` accumulator; None accumulates
             ``grad_weight`` in the weight's dtype: no (V, H) fp32 buffer, Liger's (chunked: one
             rounding per chunk) and CCE's (fused: atomics into the gradient, one rounding per
@@ -387,16 +378,24 @@ def fused_linear_tofu_loss(
         raise ValueError(f"accum_dtype must be a floating torch.dtype or None, got {accum_dtype!r}")
     vocab_offset, vocab = 0, weight.shape[0]
     if process_group is not None:
-        if impl not in ("auto", "fused") or not use_triton("auto", hidden.device, hidden.dtype):
+        if impl not in ("auto", *RECOMPUTE_IMPLS) or not use_triton(
+            "auto", hidden.device, hidden.dtype
+        ):
             raise ValueError(
-                "process_group (vocabulary parallel) runs on impl='fused', which needs CUDA "
-                f"tensors (or TRITON_INTERPRET=1) of {KERNEL_DTYPES}; got impl={impl!r} and "
-                f"{hidden.dtype} on {hidden.device}"
+                f"process_group (vocabulary parallel) runs on impl in {RECOMPUTE_IMPLS} (auto: "
+                f"fused), which need CUDA tensors (or TRITON_INTERPRET=1) of {KERNEL_DTYPES}; "
+                f"got impl={impl!r} and {hidden.dtype} on {hidden.device}"
             )
-        impl = "fused"
+        impl = "fused" if impl == "auto" else impl
         vocab_offset, vocab = shard_layout(weight.shape[0], process_group)
-    if impl in ("chunked", "fused") and hidden.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"impl={impl!r} takes {KERNEL_DTYPES} inputs, got {hidden.dtype}")
+    if impl in ("chunked", *RECOMPUTE_IMPLS):
+        if hidden.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"impl={impl!r} takes {KERNEL_DTYPES} inputs, got {hidden.dtype}")
+        if hidden.device.type == "cpu" and not interpreting():
+            raise ValueError(
+                f"impl={impl!r} runs Triton kernels: CUDA tensors, or CPU tensors under "
+                "TRITON_INTERPRET=1 (set before triton is imported); impl='torch' runs on CPU"
+            )
     if impl == "fused" and accum_dtype not in (None, torch.float32, weight.dtype):
         raise ValueError(
             f"impl='fused' accumulates grad_weight in fp32 or, with accum_dtype=None, in the "
@@ -411,10 +410,10 @@ def fused_linear_tofu_loss(
         grad_on and bias is not None and bias.requires_grad,
     )
     with torch.autocast(device_type, enabled=False):
-        if impl == "fused":
+        if impl in RECOMPUTE_IMPLS:
             fused = FusedParams(
                 tofu, filter_eps, accum_dtype is not None and accum_dtype != weight.dtype,
-                process_group, vocab_offset, vocab,
+                process_group, vocab_offset, vocab, impl, chunk_size,
             )  # fmt: skip
             loss, row_stats = FusedTOFUFunction.apply(
                 hidden, weight, bias, labels, num_items_in_batch, fused, needs

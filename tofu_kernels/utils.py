@@ -51,6 +51,24 @@ class TOFUParams:
             object.__setattr__(self, "softcap", float(self.softcap))
 
 
+_ADDMM_OUT_DTYPE = True  # torch.addmm(..., out_dtype=float32) on CUDA; off after one failure
+
+
+def accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` possibly fp32 while ``a, b`` are half precision."""
+    global _ADDMM_OUT_DTYPE
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and _ADDMM_OUT_DTYPE:
+        try:  # no (V, H) half-precision temporary: cuBLAS writes fp32 directly
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _ADDMM_OUT_DTYPE = False
+    acc.add_(a @ b)
+
+
 def interpreting() -> bool:
     """True when Triton kernels run on CPU tensors through ``TRITON_INTERPRET=1``."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

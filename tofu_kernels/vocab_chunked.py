@@ -1,0 +1,198 @@
+"""Vocabulary-chunked LM-head TOFU (``impl="vocab_chunked"``): cuBLAS GEMMs over chunks of
+vocabulary columns, so that each chunk's ``grad_weight`` rows are written once by one GEMM over
+all N tokens (fp32 accumulation inside cuBLAS), with no accumulator across chunks.
+
+Forward: per chunk of C columns, a GEMM writes the chunk's logits ``(N, C)`` into a reused buffer
+and a Triton kernel folds them into per-row partial sums (the fused impl's vocabulary splits:
+online max, both sums, target logit, entropy sum); the fused impl's merge makes the loss, the
+focal weight and the per-row terms of the gradient (O(N) floats, saved for backward).
+Backward: per chunk, the same GEMM again, a Triton kernel turns the logits into their gradient
+in place, then ``grad_weight[chunk] = dZ^T @ X`` and ``grad_hidden += dZ @ W[chunk]`` (into an
+fp32 ``(N, H)`` accumulator: N x H x 4 bytes, 128 MB at 8192 tokens and H 4096).
+
+Four GEMM-sized passes against the token-chunked impl's three, but no read-modify-write of a
+``(V, H)`` accumulator per token chunk (memory-bound for chunks of a few hundred tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tofu_kernels.fused_tofu import _NEG_BIG, online_update, store_partials, tofu_dz
+from tofu_kernels.tofu import _cap
+from tofu_kernels.utils import TOFUParams, accumulate
+
+# Launch configs of the two memory-bound kernels over the chunk's logits (not yet timed on a
+# GPU): a few rows per program, wide column tiles.
+PARTIALS_CONFIG = dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4)
+GRAD_CONFIG = dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4)
+# Chunks of at least this many columns keep the GEMMs large; by default a chunk's logits are
+# about the size of hidden (C = H columns), and C is a multiple of CHUNK_ALIGN.
+MIN_VOCAB_CHUNK = 2048
+CHUNK_ALIGN = 256
+
+
+@triton.jit
+def _chunk_partials_kernel(
+    # pointers: the chunk's logits (N, C), labels (N,), partials (6, SPLITS, N)
+    z_ptr, labels_ptr, part_ptr,
+    # sizes and strides: the chunk holds vocabulary columns [col0, col0 + C); it is split `split`
+    N, C, col0, stride_zn, split, n_splits,
+    # TOFU parameters (runtime fp32)
+    beta, softcap, ignore_index,
+    # meta
+    HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    y = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (y != ignore_index)
+    inv_beta = 1.0 / beta
+    z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zn
+
+    m = tl.full((BLOCK_N,), _NEG_BIG, tl.float32)
+    s1 = tl.zeros((BLOCK_N,), tl.float32)
+    s1x = tl.zeros((BLOCK_N,), tl.float32)
+    sbx = tl.zeros((BLOCK_N,), tl.float32)
+    sz = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.zeros((BLOCK_N,), tl.float32)
+    found = tl.zeros((BLOCK_N,), tl.float32)
+    if tl.max(valid.to(tl.int32), axis=0) > 0:  # rows that are all ignored read nothing
+        for c in range(0, C, BLOCK_V):
+            local = c + tl.arange(0, BLOCK_V)
+            col_mask = local < C
+            z = tl.load(z_rows + local[None, :], mask=row_mask[:, None] & col_mask[None, :])
+            z = _cap(z.to(tl.float32), softcap, HAS_SOFTCAP)
+            m, s1, s1x, sbx, sz, zy, found = online_update(
+                z, col0 + local, col_mask, y, inv_beta, m, s1, s1x, sbx, sz, zy, found
+            )
+    store_partials(part_ptr, split, n_splits, N, rows, row_mask, m, s1, s1x, sbx, sz, zy, found)
+
+
+@triton.jit
+def _chunk_grad_kernel(
+    # pointers: the chunk's logits (N, C), overwritten with their gradient; labels (N,);
+    # per-row terms (4, N) of the merge (row max, g / sb, target column, g); grad scale (1 or N)
+    z_ptr, labels_ptr, rowterm_ptr, scale_ptr,
+    # sizes and strides
+    N, C, col0, stride_zn, stride_rt, stride_scale,
+    # TOFU parameters
+    beta, softcap, ignore_index,
+    # meta
+    HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    mask = row_mask[:, None] & (local < C)[None, :]
+    y = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    m = tl.load(rowterm_ptr + rows, mask=row_mask, other=float("inf"))  # inf: no gradient
+    scale = tl.load(scale_ptr + rows * stride_scale, mask=row_mask, other=0.0)
+    coef = tl.load(rowterm_ptr + stride_rt + rows, mask=row_mask, other=0.0) * scale
+    target = tl.load(rowterm_ptr + 2 * stride_rt + rows, mask=row_mask, other=0.0) * scale
+    ptrs = z_ptr + rows.to(tl.int64)[:, None] * stride_zn + local[None, :]
+    z = _cap(tl.load(ptrs, mask=mask).to(tl.float32), softcap, HAS_SOFTCAP)
+    dz = tofu_dz(z, col0 + local, y, m, coef, target, 1.0 / beta, softcap, HAS_SOFTCAP)
+    tl.store(ptrs, dz.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+def default_vocab_chunk(hidden: int, vocab: int) -> int:
+    """Vocabulary columns per chunk: the chunk's logits about the size of ``hidden`` (C = H),
+    at least ``MIN_VOCAB_CHUNK``, a multiple of ``CHUNK_ALIGN``, at most the vocabulary."""
+    chunk = max(MIN_VOCAB_CHUNK, triton.cdiv(hidden, CHUNK_ALIGN) * CHUNK_ALIGN)
+    return min(vocab, chunk)
+
+
+def _chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk: int):
+    """Yield ``(index, col0, logits)`` per vocabulary chunk; ``logits`` is the chunk's
+    ``hidden @ weight[chunk].T + bias[chunk]`` in a buffer reused across chunks."""
+    n = hidden.shape[0]
+    vocab = weight.shape[0]
+    storage = torch.empty(n * min(chunk, vocab), dtype=hidden.dtype, device=hidden.device)
+    for i, c0 in enumerate(range(0, vocab, chunk)):
+        c1 = min(c0 + chunk, vocab)
+        z = storage[: n * (c1 - c0)].view(n, c1 - c0)  # contiguous, also for the last chunk
+        if bias is None:
+            torch.mm(hidden, weight[c0:c1].t(), out=z)
+        else:
+            torch.addmm(bias[c0:c1], hidden, weight[c0:c1].t(), out=z)
+        yield i, c0, z
+
+
+def vocab_chunked_partials(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    params: TOFUParams,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-row partial sums ``(6, S, N)`` over the ``S`` vocabulary chunks of ``weight (V, H)``
+    (the format of :func:`tofu_kernels.fused_tofu.fused_tofu_partials`)."""
+    n, h = hidden.shape
+    vocab = weight.shape[0]
+    labels = labels.contiguous()
+    chunk = chunk_size or default_vocab_chunk(h, vocab)
+    splits = triton.cdiv(vocab, chunk)
+    partials = torch.empty(6, splits, n, dtype=torch.float32, device=hidden.device)
+    if n == 0:
+        return partials
+    cfg = PARTIALS_CONFIG
+    softcap = params.softcap if params.softcap is not None else 1.0
+    for i, c0, z in _chunks(hidden, weight, bias, chunk):
+        _chunk_partials_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+            z, labels, partials, n, z.shape[1], c0, z.stride(0), i, splits,
+            params.beta, softcap, params.ignore_index,
+            HAS_SOFTCAP=params.softcap is not None, **cfg,
+        )  # fmt: skip
+    return partials
+
+
+def vocab_chunked_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    rowterms: torch.Tensor,
+    grad_scale: torch.Tensor,
+    params: TOFUParams,
+    needs: tuple[bool, bool, bool],
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``sum_t grad_scale[t] * loss[t]`` (``grad_scale`` fp32, 1 or N elements)
+    for (hidden, weight, bias) where ``needs`` says so, from the merge's per-row terms."""
+    n, h = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    labels, grad_scale = labels.contiguous(), grad_scale.contiguous()
+    gx = torch.zeros(n, h, dtype=torch.float32, device=dev) if needs[0] else None
+    # every row of grad_weight / grad_bias is written by exactly one chunk
+    gw = torch.empty(vocab, h, dtype=weight.dtype, device=dev) if needs[1] else None
+    gb = torch.empty(vocab, dtype=bias.dtype, device=dev) if needs[2] else None
+    if n == 0 or not any(needs):
+        for g in (gw, gb):
+            if g is not None:
+                g.zero_()
+    else:
+        cfg = GRAD_CONFIG
+        softcap = params.softcap if params.softcap is not None else 1.0
+        chunk = chunk_size or default_vocab_chunk(h, vocab)
+        for _, c0, z in _chunks(hidden, weight, bias, chunk):
+            c = z.shape[1]
+            grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(c, cfg["BLOCK_V"]))
+            _chunk_grad_kernel[grid](
+                z, labels, rowterms, grad_scale, n, c, c0, z.stride(0), rowterms.stride(0),
+                int(grad_scale.numel() > 1), params.beta, softcap, params.ignore_index,
+                HAS_SOFTCAP=params.softcap is not None, **cfg,
+            )  # fmt: skip
+            if gw is not None:
+                torch.mm(z.t(), hidden, out=gw[c0 : c0 + c])
+            if gx is not None:
+                accumulate(gx, z, weight[c0 : c0 + c])
+            if gb is not None:
+                gb[c0 : c0 + c] = z.sum(0, dtype=torch.float32)
+    if gx is not None:
+        gx = gx.to(hidden.dtype)
+    return gx, gw, gb
