@@ -1,0 +1,102 @@
+"""impl="vocab_chunked" mechanics: chunk boundaries, what it allocates, what it skips.
+
+The oracle grid shared with the other impls lives in test_linear_tofu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import LINEAR_GRAD_RTOL, LINEAR_LOSS_RTOL, linear_oracle, make_inputs, rel_err
+from tofu_kernels import fused_linear_tofu_loss
+from tofu_kernels import vocab_chunked as vc_mod
+
+
+def run(x, w, b, y, **kwargs):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+    loss = fused_linear_tofu_loss(
+        leaves[0], leaves[1], y, bias=leaves[2], impl="vocab_chunked", **kwargs
+    )
+    loss.backward()
+    return [loss.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+def check(x, w, b, y, grads, dtype, **oracle_kwargs):
+    ref = linear_oracle(x, w, y, bias=b, gamma=3.0, beta=0.8, **oracle_kwargs)
+    for got, want, name in zip(grads, ref, ("loss", "hidden", "weight", "bias"), strict=True):
+        if got is not None:
+            tol = LINEAR_LOSS_RTOL[dtype] if name == "loss" else LINEAR_GRAD_RTOL[dtype]
+            assert rel_err(got, want) < tol, (name, rel_err(got, want))
+
+
+# chunk sizes around V = 300: many chunks with a short last one, an exact divisor, one chunk
+# exactly V, one larger than V
+@pytest.mark.parametrize("chunk", [7, 100, 300, 1000])
+def test_chunk_boundaries(device, chunk):
+    x, w, b, y = make_inputs((21,), 40, 300, torch.float32, device, bias=True, ignored=0.2)
+    y[:6] = torch.tensor([0, 99, 100, 199, 200, 299], device=device)  # targets on the edges
+    check(x, w, b, y, run(x, w, b, y, chunk_size=chunk, softcap=15.0), torch.float32,
+          softcap=15.0)  # fmt: skip
+
+
+def test_default_chunk():
+    assert vc_mod.default_vocab_chunk(4096, 128256) == 4096
+    assert vc_mod.default_vocab_chunk(896, 151936) == vc_mod.MIN_VOCAB_CHUNK
+    assert vc_mod.default_vocab_chunk(4000, 3000) == 3000
+    assert vc_mod.default_vocab_chunk(4000, 10**6) % vc_mod.CHUNK_ALIGN == 0
+
+
+def test_no_weight_sized_fp32_buffer_and_frozen_weight(device, monkeypatch):
+    """grad_weight rows are written once per chunk in the weight's dtype: nothing (V, H) in fp32
+    is allocated; a frozen weight gets no grad_weight GEMM at all."""
+    shapes = []
+    for name in ("zeros", "empty"):
+        real = getattr(torch, name)
+
+        def spy(*size, _real=real, dtype=None, **kwargs):
+            shapes.append((tuple(size), dtype))
+            return _real(*size, dtype=dtype, **kwargs)
+
+        monkeypatch.setattr(vc_mod.torch, name, spy)
+    mm_outs = []
+    real_mm = torch.mm
+
+    def mm_spy(a, b, *, out=None):
+        mm_outs.append(None if out is None else tuple(out.shape))
+        return real_mm(a, b, out=out)
+
+    monkeypatch.setattr(vc_mod.torch, "mm", mm_spy)
+    x, w, _, y = make_inputs((30,), 40, 300, torch.bfloat16, device)
+    grads = run(x, w, None, y, chunk_size=128)
+    check(x, w, None, y, grads, torch.bfloat16)
+    assert ((300, 40), torch.bfloat16) in shapes and ((300, 40), torch.float32) not in shapes
+    assert mm_outs.count((128, 40)) == 2 and mm_outs.count((44, 40)) == 1  # grad_weight chunks
+    mm_outs.clear()
+    x.requires_grad_(True)
+    fused_linear_tofu_loss(x, w, y, impl="vocab_chunked", chunk_size=128).backward()
+    assert (30, 128) in mm_outs  # the logits GEMMs ran, and only they
+    assert (128, 40) not in mm_outs and (44, 40) not in mm_outs
+
+
+def test_all_ignored_and_out_of_range(device):
+    x, w, b, y = make_inputs((12,), 40, 300, torch.float32, device, bias=True, ignored=1.0)
+    grads = run(x, w, b, y, chunk_size=128)
+    assert grads[0].item() == 0 and all((g == 0).all() for g in grads[1:])
+    from tofu_kernels.fused_tofu import fused_tofu_merge
+    from tofu_kernels.utils import TOFUParams
+
+    y = torch.tensor([1, 300, -7, 2], device=device)
+    params = TOFUParams()
+    partials = vc_mod.vocab_chunked_partials(x[:4], w, y, b, params, chunk_size=128)
+    loss, _, rowterms = fused_tofu_merge(partials, y, 300, params)
+    assert torch.isnan(loss[1:3]).all() and torch.isfinite(loss[[0, 3]]).all()
+    assert (rowterms[1:, 1:3] == 0).all()  # no gradient from them
+
+
+def test_empty_batch(device):
+    x, w, b, _ = make_inputs((0,), 40, 300, torch.float32, device, bias=True)
+    y = torch.zeros(0, dtype=torch.long, device=device)
+    loss, gx, gw, gb = run(x, w, b, y, reduction="sum")
+    assert loss.item() == 0 and gx.shape == (0, 40)
+    assert (gw == 0).all() and (gb == 0).all()
