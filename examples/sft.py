@@ -69,7 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=512, help="of the BPE tokenizer trained here")
     p.add_argument("--bf16", action="store_true", help="bf16 weights and autocast (GPU)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--impl", choices=["auto", "triton", "torch"], default="auto")
+    p.add_argument(
+        "--impl",
+        choices=["auto", "triton", "chunked", "vocab_chunked", "fused", "torch"],
+        default="auto",
+        help="the loss's impl (all but torch: GPU, or CPU under TRITON_INTERPRET=1)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="histories and plot")
     args = p.parse_args(argv)
