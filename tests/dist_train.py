@@ -63,6 +63,9 @@ def main(mode: str) -> int:
     # one write, newline included: lines from two ranks on one pipe cannot interleave mid-line
     sys.stdout.write(f"rank {rank}: {len(errors)} checks, worst {worst:.1e}, bad {bad}\n")
     sys.stdout.flush()
+    # every rank done with its collectives before any tears gloo down (a rank leaving early
+    # could abort the other's exit: "terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
     return 1 if bad else 0
 
