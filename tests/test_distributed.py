@@ -59,6 +59,7 @@ def _worker(rank: int, world: int, init_file: str) -> None:
             assert rel_err(part[2], full[2][lo:hi]) < 1e-5, (rank, i, "grad_weight shard")
             if b is not None:
                 assert rel_err(part[3].grad, full[3].grad[lo:hi]) < 1e-5, (rank, i, "grad_bias")
+        dist.barrier()  # both ranks done before either tears gloo down (an abort at exit else)
     finally:
         dist.destroy_process_group()
 

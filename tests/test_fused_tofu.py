@@ -182,8 +182,11 @@ def test_split_and_slab_alignment_fit_every_config():
     assert all(fused_mod.ROW_ALIGN % c["BLOCK_N"] == 0 for c in configs)
 
 
-@pytest.mark.parametrize("accum_dtype", [None, torch.float32])
-def test_opt_in_autotuning(device, monkeypatch, accum_dtype):
+@pytest.mark.parametrize(
+    "accum_dtype,bias,frozen", [(None, True, False), (torch.float32, True, False),
+                                (torch.float32, False, True)],
+)  # fmt: skip
+def test_opt_in_autotuning(device, monkeypatch, accum_dtype, bias, frozen):
     """TOFU_AUTOTUNE=1 runs every candidate config once per kernel (the accumulators are zeroed
     between timed runs, or the gradients would count them), then the best one. The interpreter's
     timings mean nothing; the path and the results are what is tested."""
@@ -193,11 +196,29 @@ def test_opt_in_autotuning(device, monkeypatch, accum_dtype):
                         real_bench(fn, **kw))  # fmt: skip
     monkeypatch.setenv("TOFU_AUTOTUNE", "1")
     fused_mod._tuned.cache_clear()
-    x, w, b, y = make_inputs((70,), 40, 300, torch.float16, device, bias=True)
+    x, w, b, y = make_inputs((70,), 40, 300, torch.float16, device, bias=bias)
     ref = linear_oracle(x, w, y, bias=b, gamma=3.0, beta=0.8)
     for _ in range(2):  # tunes, then reuses the choice
-        compare(x, w, b, y, run(x, w, b, y, accum_dtype=accum_dtype), ref, torch.float16)
+        if frozen:  # gradients not asked for: their stand-ins are zeroed too, nothing else is
+            xg = x.detach().clone().requires_grad_(True)
+            loss = fused_linear_tofu_loss(xg, w, y, impl="fused", accum_dtype=accum_dtype)
+            loss.backward()
+            grads = [loss.detach(), xg.grad, None, None]
+        else:
+            grads = run(x, w, b, y, accum_dtype=accum_dtype)
+        compare(x, w, b, y, grads, ref, torch.float16)
     assert fused_mod._tuned.cache_info().currsize == 2  # the forward and backward kernels
     if device == "cpu":  # on a GPU, triton's own timer
         assert len(timed) == len(fused_mod.TUNE_FWD) + len(fused_mod.TUNE_BWD)
     fused_mod._tuned.cache_clear()
+
+
+def test_split_count_for_an_empty_batch(monkeypatch):
+    """N = 0 on a GPU: no token blocks, still one split (was a division by zero)."""
+
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    assert fused_mod._n_splits(0, 501, torch.device("cuda")) >= 1
+    assert fused_mod._n_splits(128, 501, torch.device("cuda")) == 3  # 2 x 132 / 128 programs

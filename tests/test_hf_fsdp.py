@@ -85,6 +85,7 @@ def _worker(rank: int, port: int) -> None:
         for case in CASES:
             _check(rank, *case)
         _no_logits_with_fused_head_unit()
+        dist.barrier()  # both ranks done before either tears gloo down (an abort at exit else)
     finally:
         dist.destroy_process_group()
 

@@ -5,8 +5,10 @@ Forward: programs over (token block, vocabulary split) compute logits tiles with
 and keep, per row, the online max and every sum TOFU needs; a merge kernel combines the splits into
 the loss, the focal weight and the per-row softmax terms (O(N) floats). Backward: programs over
 (token block, vocabulary block) recompute their logits tile, form ``g * (softmax(z / beta) -
-onehot) * scale`` in registers and add ``dZ @ W`` and ``dZ^T @ X`` into fp32 ``grad_hidden`` and
-``grad_weight`` with atomics. Work whose gradient is below the output precision can be skipped.
+onehot) * scale`` in registers and add ``dZ @ W`` and ``dZ^T @ X`` with atomics: into fp32
+``grad_hidden`` (one token slab at a time) and into ``grad_weight``, fp32 or, with
+``accum_fp32=False``, the gradient itself in the weight's dtype. Work whose gradient is below the
+output precision can be skipped.
 """
 
 from __future__ import annotations
@@ -344,7 +346,7 @@ def _n_splits(n_blocks: int, units: int, device: torch.device) -> int:
     if device.type != "cuda":
         return min(units, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(units, triton.cdiv(2 * sms, n_blocks)))
+    return max(1, min(units, triton.cdiv(2 * sms, max(n_blocks, 1))))
 
 
 def fused_config(table: dict, major: int, dtype: torch.dtype) -> dict:
@@ -523,7 +525,9 @@ def fused_tofu_bwd(
         if needs[0] and hidden.dtype != f32:  # grad_hidden sums in an fp32 slab, then is cast
             slab = max(ROW_ALIGN, GX_SLAB_ELEMS // h // ROW_ALIGN * ROW_ALIGN)
         row_scale = grad_scale.numel() > 1
-        dummy = rowterms
+        # gradients not asked for point at a scratch word of their own: autotuning zeroes
+        # every accumulator argument before its timed runs
+        dummy = hidden.new_zeros(1, dtype=f32)
         for s in range(0, n, slab):
             e = min(s + slab, n)
             gx_acc = dummy

@@ -304,7 +304,7 @@ def fused_linear_tofu_loss(
         accum_dtype: dtype of the ``grad_weight``/``grad_bias`` accumulator; None accumulates
             ``grad_weight`` in the weight's dtype: no (V, H) fp32 buffer, Liger's (chunked: one
             rounding per chunk) and CCE's (fused: atomics into the gradient, one rounding per
-            token block) memory, at up to ~1.7e-2 of the largest entry at the Llama-3 head in
+            token block) memory, at up to ~1.2e-2 of the largest entry at the Llama-3 head in
             bf16 against ~3.5e-3 with fp32 (``bench/accum_precision.py``). The fused impl takes
             fp32 or None, and always sums ``grad_hidden`` in fp32: in bf16 its V / 128 tile
             products per entry would be ~0.1 off.
