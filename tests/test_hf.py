@@ -382,7 +382,7 @@ def test_training_lowers_loss(device):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-@pytest.mark.parametrize("impl", ["chunked", "fused"])
+@pytest.mark.parametrize("impl", ["chunked", "vocab_chunked", "fused"])
 def test_kernel_impls_match_published(impl, device):
     """Each Triton impl of the fused loss behind the patch (gemma2: softcap in the kernel too)."""
     model = tiny_model("gemma2", device)
