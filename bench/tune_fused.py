@@ -116,13 +116,17 @@ def report(result: dict) -> str:
         f"{result['shape']}; logits GEMM {result['gemm_ms']:.2f} ms"
     ]
     for kind in ("fwd", "bwd"):
-        lines += ["", f"| {kind} | BLOCK_N | BLOCK_V | BLOCK_K | warps | stages | accum | ms |"]
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines += [
+            "",
+            f"| {kind} | BLOCK_N | BLOCK_V | BLOCK_K | GROUP_N | warps | stages | accum | ms |",
+        ]
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         rows = sorted(result[kind], key=lambda r: (r["ms"] is None, r["ms"] or 0.0))
         for r in rows:
             ms = f"{r['ms']:.2f}" if r["status"] == "ok" else r["status"]
             lines.append(
-                f"| {kind} | {r['BLOCK_N']} | {r['BLOCK_V']} | {r['BLOCK_K']} | {r['num_warps']} "
+                f"| {kind} | {r['BLOCK_N']} | {r['BLOCK_V']} | {r['BLOCK_K']} | {r['GROUP_N']} "
+                f"| {r['num_warps']} "
                 f"| {r['num_stages']} | {r.get('grad_weight_accum', '')} | {ms} |"
             )
     return "\n".join(lines)

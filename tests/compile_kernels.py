@@ -66,8 +66,9 @@ def fused_kernel_specs(major: int):
     from tofu_kernels import fused_tofu
 
     def split(config):  # (constexprs, compile options)
-        return ({k: v for k, v in config.items() if k.startswith("BLOCK")},
-                {k: v for k, v in config.items() if not k.startswith("BLOCK")})  # fmt: skip
+        options = ("num_warps", "num_stages")
+        return ({k: v for k, v in config.items() if k not in options},
+                {k: v for k, v in config.items() if k in options})  # fmt: skip
 
     dtypes = {"*fp32": torch.float32, "*bf16": torch.bfloat16, "*fp16": torch.float16}
     # every dtype with every feature on; the lighter variants in bf16 only (compiles are slow)
@@ -83,7 +84,8 @@ def fused_kernel_specs(major: int):
         signature = {
             "x_ptr": ty, "w_ptr": ty, "b_ptr": ty, "labels_ptr": "*i64", "part_ptr": "*fp32",
             "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i64", "stride_wv": "i64",
-            "cols_per_split": "i32", "beta": "fp32", "softcap": "fp32", "ignore_index": "i32",
+            "n_splits": "i32", "cols_per_split": "i32", "beta": "fp32", "softcap": "fp32",
+            "ignore_index": "i32",
         }  # fmt: skip
         signature.update({k: "constexpr" for k in (*flags, *fwd_cfg)})
         name = f"fused_fwd[{ty} bias/softcap={extras}]"

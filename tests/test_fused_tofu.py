@@ -222,3 +222,15 @@ def test_split_count_for_an_empty_batch(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
     assert fused_mod._n_splits(0, 501, torch.device("cuda")) >= 1
     assert fused_mod._n_splits(128, 501, torch.device("cuda")) == 3  # 2 x 132 / 128 programs
+
+
+@pytest.mark.parametrize("group_n", [1, 2])
+def test_grouped_program_order(device, monkeypatch, group_n):
+    """Groups of 1 and 2 token blocks over 2.3 blocks (a short last group), with 2 splits in
+    the forward and 3 vocabulary tiles in the backward: every (block, column) pair exactly once."""
+    for table in (fused_mod.FWD_CONFIGS, fused_mod.BWD_CONFIGS):
+        monkeypatch.setitem(table, 9, {**table[9], "BLOCK_N": 64, "GROUP_N": group_n})
+    x, w, b, y = make_inputs((2 * 64 + 20,), 40, 300, torch.float16, device, bias=True)
+    grads = run(x, w, b, y, softcap=20.0)
+    ref = linear_oracle(x, w, y, bias=b, gamma=3.0, beta=0.8, softcap=20.0)
+    compare(x, w, b, y, grads, ref, torch.float16)

@@ -35,26 +35,36 @@ from tofu_kernels.utils import (
 # Launch configs by compute capability major (9: Hopper, 8: Ampere/Ada), as triton.Config
 # kwargs. NOT yet timed on a GPU: chosen by tile arithmetic (the backward's 128-row blocks halve
 # grad_weight's atomics); `bench/tune_fused.py` times the candidates below on a card.
+# Programs run in groups of GROUP_N token blocks (GROUP_ROWS tokens, token blocks fastest within
+# a group): the programs in flight then share a 16 MB slice of hidden (H 4096, bf16) and a few
+# vocabulary tiles, which stay in L2, instead of streaming all of hidden from memory once per
+# vocabulary tile; in the backward it also spreads the atomics of the programs in flight over
+# 16 grad_hidden and ~16 grad_weight blocks instead of piling them on one.
+GROUP_ROWS = 2048
 FWD_CONFIGS = {
-    9: dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    8: dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    9: dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, GROUP_N=32, num_warps=8, num_stages=3),
+    8: dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, GROUP_N=32, num_warps=8, num_stages=3),
 }
 BWD_CONFIGS = {
-    9: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    8: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    9: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=16, num_warps=8, num_stages=3),
+    8: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=16, num_warps=8, num_stages=3),
 }
 FWD_CONFIG, BWD_CONFIG = FWD_CONFIGS[9], BWD_CONFIGS[9]  # elsewhere (and the interpreter)
 # Opt-in autotuning (TOFU_AUTOTUNE=1): these candidates are timed once per (H, V, dtypes).
 TUNE_FWD = [
-    dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=w, num_stages=st)
+    dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, GROUP_N=GROUP_ROWS // bn, num_warps=w, num_stages=st)
     for bn, bv, bk, w, st in ((64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
                               (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 128, 4, 3))
 ]  # fmt: skip
+# ...and the default without groups (token blocks fastest over the whole grid), to measure them
+UNGROUPED = 1 << 16
+TUNE_FWD.append({**FWD_CONFIGS[9], "GROUP_N": UNGROUPED})
 TUNE_BWD = [
-    dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=w, num_stages=st)
+    dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, GROUP_N=GROUP_ROWS // bn, num_warps=w, num_stages=st)
     for bn, bv, bk, w, st in ((64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
                               (256, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3))
 ]  # fmt: skip
+TUNE_BWD.append({**BWD_CONFIGS[9], "GROUP_N": UNGROUPED})
 # Forward vocabulary splits are whole multiples of this many columns, so that the split layout
 # (and the partials buffer) does not depend on the config's BLOCK_V.
 SPLIT_ALIGN = 256
@@ -112,17 +122,15 @@ def _logits_tile(
 def _fused_fwd_kernel(
     # pointers: hidden (N, H), weight (V, H), bias (V,), labels (N,); partials (6, SPLITS, N)
     x_ptr, w_ptr, b_ptr, labels_ptr, part_ptr,
-    # sizes and strides (elements; unit stride along H)
-    N, V, H, stride_xn, stride_wv, cols_per_split,
+    # sizes and strides (elements; unit stride along H); the vocabulary splits
+    N, V, H, stride_xn, stride_wv, n_splits, cols_per_split,
     # TOFU parameters (runtime fp32)
     beta, softcap, ignore_index,
     # meta
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
+    pid_n, split = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
@@ -152,6 +160,17 @@ def _fused_fwd_kernel(
                 z, cols, col_mask, y, inv_beta, m, s1, s1x, sbx, sz, zy, found
             )
     store_partials(part_ptr, split, n_splits, N, rows, row_mask, m, s1, s1x, sbx, sz, zy, found)
+
+
+@triton.jit
+def grouped_pid(pid, n_row_blocks, n_cols, GROUP_N: tl.constexpr):
+    """(token block, column) of program ``pid`` of a 1-D grid of ``n_row_blocks * n_cols``,
+    in groups of ``GROUP_N`` token blocks, token blocks fastest within a group."""
+    per_group = GROUP_N * n_cols
+    first = (pid // per_group) * GROUP_N
+    size = tl.minimum(n_row_blocks - first, GROUP_N)  # the last group may be short
+    local = pid % per_group
+    return first + local % size, local // size
 
 
 @triton.jit
@@ -275,10 +294,9 @@ def _fused_bwd_kernel(
     # meta
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GRAD_X: tl.constexpr,
     GRAD_W: tl.constexpr, GRAD_B: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    pid_n, pid_v = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
@@ -378,7 +396,7 @@ def _tuned(kernel, configs: tuple, reset: tuple):
     return triton.autotune(
         configs=[
             triton.Config(
-                {k: v for k, v in c.items() if k.startswith("BLOCK")},
+                {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
                 num_warps=c["num_warps"],
                 num_stages=c["num_stages"],
             )
@@ -391,8 +409,8 @@ def _tuned(kernel, configs: tuple, reset: tuple):
 
 
 def _grid(rows: int, vocab: int):
-    """The backward's grid: (token blocks, vocabulary tiles) of the config."""
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"]))
+    """The backward's 1-D grid: token blocks times vocabulary tiles of the config."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(vocab, meta["BLOCK_V"]),)
 
 
 def _launcher(kernel, table: dict, candidates: list, x: torch.Tensor, reset: tuple = ()):
@@ -418,7 +436,8 @@ def fused_tofu_partials(
     vocab = weight.shape[0]
     labels = labels.contiguous()  # the kernels read labels[row] densely
     units = triton.cdiv(vocab, SPLIT_ALIGN)
-    splits = _n_splits(triton.cdiv(n, FWD_CONFIG["BLOCK_N"]), units, hidden.device)
+    group_rows = min(n, GROUP_ROWS)  # the programs of one group fill the GPU
+    splits = _n_splits(triton.cdiv(group_rows, FWD_CONFIG["BLOCK_N"]), units, hidden.device)
     cols_per_split = triton.cdiv(units, splits) * SPLIT_ALIGN
     splits = triton.cdiv(vocab, cols_per_split)  # no empty split
     partials = torch.empty(6, splits, n, dtype=torch.float32, device=hidden.device)
@@ -426,9 +445,9 @@ def fused_tofu_partials(
         return partials
     kernel, cfg = _launcher(_fused_fwd_kernel, FWD_CONFIGS, TUNE_FWD, hidden)
     softcap = params.softcap if params.softcap is not None else 1.0
-    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](
+    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,)](
         hidden, weight, bias if bias is not None else weight, labels, partials,
-        n, vocab, h, hidden.stride(0), weight.stride(0), cols_per_split,
+        n, vocab, h, hidden.stride(0), weight.stride(0), splits, cols_per_split,
         params.beta, softcap, params.ignore_index,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None,
         **_dot_flags(hidden.dtype), **cfg,
