@@ -317,8 +317,9 @@ def fused_linear_tofu_loss(
         process_group: vocabulary parallel. ``weight`` (and ``bias``) are then this rank's
             contiguous shard of the vocabulary (shards in rank order, any sizes), ``labels`` hold
             global ids, and ``hidden`` is the same on every rank. Every rank gets the global
-            loss, the gradient of its shard and the full ``grad_hidden``. Runs on the fused
-            impl (GPU, or ``TRITON_INTERPRET=1``); the shard layout is gathered once and cached.
+            loss, the gradient of its shard and the full ``grad_hidden``. Runs on the fused and
+            vocab_chunked impls (``auto``: fused; GPU, or ``TRITON_INTERPRET=1``); the shard
+            layout is gathered once and cached.
         return_stats: also return :class:`TOFUStats`.
 
     Returns:
