@@ -4,6 +4,9 @@ The full ``(N, V)`` logits never exist: each chunk of tokens gets its logits in 
 the TOFU kernel turns them into per-token losses and, in place, into the logits' gradient, and two
 GEMMs fold that gradient into ``grad_hidden`` (this chunk's rows) and ``grad_weight`` (summed over
 chunks in fp32). Gradients are produced in forward; backward only scales them by ``grad_output``.
+
+The public :func:`fused_linear_tofu_loss` also dispatches to the impls that recompute in backward
+(``tofu_kernels.vocab_chunked``, ``tofu_kernels.fused_tofu``).
 """
 
 from __future__ import annotations
@@ -279,8 +282,10 @@ def fused_linear_tofu_loss(
         logits = hidden @ weight.T + bias          # (..., V), in hidden's dtype
         loss = tofu_loss(logits, labels, gamma=gamma, beta=beta, ...)
 
-    (see :func:`tofu_kernels.tofu_loss` for the loss, reductions and options), computed chunk by
-    chunk of tokens: peak memory above the inputs and gradients is one chunk of logits.
+    (see :func:`tofu_kernels.tofu_loss` for the loss, reductions and options), computed without
+    ever holding the ``(N, V)`` logits: by chunks of tokens or of vocabulary columns, or inside
+    one Triton kernel (``impl``). Peak memory above the inputs and gradients is one chunk of
+    logits plus, per impl, an fp32 gradient accumulator (see ``accum_dtype``).
 
     Args:
         hidden: ``(..., H)`` fp32/bf16/fp16 final hidden states (under ``torch.autocast``, cast to
