@@ -11,6 +11,7 @@ single process's on the whole batch. Exits non-zero on a mismatch.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -73,4 +74,7 @@ def main(mode: str) -> int:
 if __name__ == "__main__":
     if sys.argv[1] not in ("ddp", "fsdp2"):
         sys.exit("usage: dist_train.py {ddp,fsdp2}")
-    sys.exit(main(sys.argv[1]))
+    code = main(sys.argv[1])
+    # without the interpreter's teardown (a rank could abort there after passing every check)
+    sys.stdout.flush()
+    os._exit(code)
