@@ -72,8 +72,9 @@ ROW_ALIGN = 256  # likewise for the backward's grad_hidden token slabs and BLOCK
 # grad_hidden sums V / BLOCK_V tile products per element: in bf16 that is ~0.1 off at the Llama
 # head (bench/accum_precision.py), so it sums in fp32, in token slabs of this many elements.
 GX_SLAB_ELEMS = 2**23
-# Gradient filtering: skip work whose every gradient entry is below this fraction of the largest
-# row weight g * |scale| of the batch (2^-12: under bf16/fp16 resolution of a sum that holds it).
+# Gradient filtering: skip rows whose weight g * |scale| (a bound on each of their gradient
+# entries) is below this fraction of the batch's largest, and vocabulary tiles whose entries all
+# are below it divided by V (2^-12: under bf16/fp16 resolution of a sum that holds the largest).
 FILTER_EPS_HALF = 2.0**-12
 _NEG_BIG = tl.constexpr(-1.0e30)  # a finite "-inf" for running maxima: (m_old - m_new) * 0 is 0
 
@@ -325,8 +326,10 @@ def _fused_bwd_kernel(
         )  # fmt: skip
         dz = tofu_dz(z, cols, y, m, coef, target, 1.0 / beta, softcap, HAS_SOFTCAP)
         dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
-        # vocabulary tiles whose every entry is below the threshold are skipped (CCE-style)
-        if tl.max(tl.max(tl.abs(dz), axis=1), axis=0) > threshold:
+        # A vocabulary tile whose every entry is under threshold / V is skipped: all the tiles a
+        # row skips then add up to at most the threshold (under threshold per entry, as CCE
+        # filters, a flat softmax would lose its whole off-target gradient).
+        if tl.max(tl.max(tl.abs(dz), axis=1), axis=0) * V > threshold:
             if GRAD_B:
                 tl.atomic_add(gb_ptr + cols64, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
             dz_in = dz.to(x_ptr.dtype.element_ty)
