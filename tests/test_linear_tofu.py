@@ -411,3 +411,19 @@ def test_int32_labels(device, impl):
     loss = fused_linear_tofu_loss(x, w, y.to(torch.int32), bias=b, impl=impl, chunk_size=4)
     (gx32,) = torch.autograd.grad(loss, x)
     assert torch.equal(loss, ref) and torch.equal(gx32, gx)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("upstream", [1e-3, 1e3])
+def test_fp16_with_a_tiny_or_large_upstream_gradient(device, impl, upstream):
+    """The recompute impls form fp16 logit gradients at a scale normalized away from the
+    upstream gradient: a tiny one (1e-3 made grad_hidden 1.4e-2 off: subnormals) or a large one
+    (fp16 loss scaling) gives the same relative accuracy."""
+    x, w, _, y = make_inputs((150,), 37, 301, torch.float16, device)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    go = torch.tensor(upstream, device=device)
+    fused_linear_tofu_loss(x, w, y, impl=impl).backward(go)
+    _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, grad_output=go)
+    assert rel_err(x.grad, gx) < LINEAR_GRAD_RTOL[torch.float16], rel_err(x.grad, gx)
+    assert rel_err(w.grad, gw) < LINEAR_GRAD_RTOL[torch.float16], rel_err(w.grad, gw)

@@ -27,6 +27,7 @@ from tofu_kernels.tofu import _cap, tofu_row_terms
 from tofu_kernels.utils import (
     TOFUParams,
     check_backward,
+    gradient_norm,
     interpreting,
     reduce_loss,
     reduction_scale,
@@ -540,6 +541,8 @@ def fused_tofu_bwd(
     gb = torch.zeros(vocab, dtype=f32, device=dev) if needs[2] else None
     if n and any(needs):
         wmax = (rowterms[3] * grad_scale.abs().expand(n)).max().reshape(1)  # stays on the device
+        norm = gradient_norm(wmax, n)  # undone on the sums below
+        grad_scale, wmax = grad_scale / norm, wmax / norm
         kernel, cfg = _launcher(
             _fused_bwd_kernel, BWD_CONFIGS, TUNE_BWD, hidden, ("gx_ptr", "gw_ptr", "gb_ptr")
         )
@@ -571,8 +574,11 @@ def fused_tofu_bwd(
                 GRAD_X=needs[0], GRAD_W=needs[1], GRAD_B=needs[2], **_dot_flags(hidden.dtype),
                 **cfg,
             )  # fmt: skip
-            if needs[0] and hidden.dtype != f32:
-                gx[s:e] = gx_acc
+            if needs[0]:
+                gx[s:e] = gx_acc.mul_(norm)
+        for g in (gw, gb):
+            if g is not None:
+                g.mul_(norm)
     # Cast one fp32 buffer at a time, dropping each before the next cast.
     if gw is not None:
         gw = gw.to(weight.dtype)

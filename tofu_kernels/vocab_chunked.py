@@ -22,7 +22,7 @@ import triton.language as tl
 
 from tofu_kernels.fused_tofu import _NEG_BIG, online_update, store_partials, tofu_dz
 from tofu_kernels.tofu import _cap
-from tofu_kernels.utils import TOFUParams, accumulate
+from tofu_kernels.utils import TOFUParams, accumulate, gradient_norm
 
 # Launch configs of the two memory-bound kernels over the chunk's logits (not yet timed on a
 # GPU): a few rows per program, wide column tiles.
@@ -179,6 +179,9 @@ def vocab_chunked_bwd(
         cfg = GRAD_CONFIG
         softcap = params.softcap if params.softcap is not None else 1.0
         chunk = chunk_size or default_vocab_chunk(h, vocab)
+        # the logits' gradient is written in their dtype: scaled to a safe range, undone below
+        norm = gradient_norm((rowterms[3] * grad_scale.abs().expand(n)).max().reshape(1), n)
+        grad_scale = grad_scale / norm
         for _, c0, z in _chunks(hidden, weight, bias, chunk):
             c = z.shape[1]
             grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(c, cfg["BLOCK_V"]))
@@ -192,7 +195,10 @@ def vocab_chunked_bwd(
             if gx is not None:
                 accumulate(gx, z, weight[c0 : c0 + c])
             if gb is not None:
-                gb[c0 : c0 + c] = z.sum(0, dtype=torch.float32)
+                gb[c0 : c0 + c] = z.sum(0, dtype=torch.float32) * norm
+        for g in (gx, gw):
+            if g is not None:
+                g.mul_(norm)
     if gx is not None:
         gx = gx.to(hidden.dtype)
     return gx, gw, gb
