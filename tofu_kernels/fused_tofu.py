@@ -27,7 +27,6 @@ from tofu_kernels.tofu import _cap, tofu_row_terms
 from tofu_kernels.utils import (
     TOFUParams,
     check_backward,
-    gradient_norm,
     interpreting,
     reduce_loss,
     reduction_scale,
@@ -508,6 +507,22 @@ def fused_tofu_fwd(
     return fused_tofu_merge(partials, labels, weight.shape[0], params)
 
 
+def normalized_grad_scale(
+    rowterms: torch.Tensor, grad_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_scale / norm, wmax / norm, norm)`` for a backward from the merge's per-row terms,
+    all on the device: ``wmax`` is the largest row weight ``g * |grad_scale|`` (a bound on every
+    entry of the logits' gradient) and ``norm`` a power of two near ``wmax * N`` (1 if that is
+    0). The gradient formed with the returned scale peaks near ``1 / N`` whatever the upstream
+    gradient, so its half-precision tiles neither flush a tiny one to zero (fp16) nor overflow
+    sums over N rows; multiplying the sums back by ``norm`` is exact."""
+    n = rowterms.shape[1]
+    wmax = (rowterms[3] * grad_scale.abs().expand(n)).max().reshape(1)
+    x = wmax * n
+    norm = torch.exp2(torch.round(torch.log2(torch.where(x > 0, x, torch.ones_like(x)))))
+    return grad_scale / norm, wmax / norm, norm
+
+
 def fused_tofu_bwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -540,9 +555,7 @@ def fused_tofu_bwd(
     gw = torch.zeros(vocab, h, dtype=w_acc, device=dev) if needs[1] else None
     gb = torch.zeros(vocab, dtype=f32, device=dev) if needs[2] else None
     if n and any(needs):
-        wmax = (rowterms[3] * grad_scale.abs().expand(n)).max().reshape(1)  # stays on the device
-        norm = gradient_norm(wmax, n)  # undone on the sums below
-        grad_scale, wmax = grad_scale / norm, wmax / norm
+        grad_scale, wmax, norm = normalized_grad_scale(rowterms, grad_scale)  # norm undone below
         kernel, cfg = _launcher(
             _fused_bwd_kernel, BWD_CONFIGS, TUNE_BWD, hidden, ("gx_ptr", "gw_ptr", "gb_ptr")
         )
@@ -575,7 +588,9 @@ def fused_tofu_bwd(
                 **cfg,
             )  # fmt: skip
             if needs[0]:
-                gx[s:e] = gx_acc.mul_(norm)
+                gx_acc.mul_(norm)
+                if hidden.dtype != f32:  # fp32 grad_hidden was summed in place
+                    gx[s:e] = gx_acc
         for g in (gw, gb):
             if g is not None:
                 g.mul_(norm)

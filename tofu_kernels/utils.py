@@ -69,19 +69,6 @@ def accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.add_(a @ b)
 
 
-def gradient_norm(row_weight_max: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """A power of two near ``row_weight_max * n_rows`` (1 where that is 0), on the device.
-
-    Dividing a backward's gradient scale by it puts the largest logit-gradient entry near
-    ``1 / n_rows`` whatever the upstream gradient: half-precision tiles of it then neither flush
-    a tiny upstream gradient to zero (fp16) nor overflow sums over ``n_rows`` rows; multiplying
-    the result back by a power of two is exact.
-    """
-    x = row_weight_max * n_rows
-    safe = torch.where(x > 0, x, torch.ones_like(x))
-    return torch.exp2(torch.round(torch.log2(safe)))
-
-
 def interpreting() -> bool:
     """True when Triton kernels run on CPU tensors through ``TRITON_INTERPRET=1``."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

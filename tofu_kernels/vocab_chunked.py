@@ -20,9 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from tofu_kernels.fused_tofu import _NEG_BIG, online_update, store_partials, tofu_dz
+from tofu_kernels.fused_tofu import (
+    _NEG_BIG,
+    normalized_grad_scale,
+    online_update,
+    store_partials,
+    tofu_dz,
+)
 from tofu_kernels.tofu import _cap
-from tofu_kernels.utils import TOFUParams, accumulate, gradient_norm
+from tofu_kernels.utils import TOFUParams, accumulate
 
 # Launch configs of the two memory-bound kernels over the chunk's logits (not yet timed on a
 # GPU): a few rows per program, wide column tiles.
@@ -180,8 +186,7 @@ def vocab_chunked_bwd(
         softcap = params.softcap if params.softcap is not None else 1.0
         chunk = chunk_size or default_vocab_chunk(h, vocab)
         # the logits' gradient is written in their dtype: scaled to a safe range, undone below
-        norm = gradient_norm((rowterms[3] * grad_scale.abs().expand(n)).max().reshape(1), n)
-        grad_scale = grad_scale / norm
+        grad_scale, _, norm = normalized_grad_scale(rowterms, grad_scale)
         for _, c0, z in _chunks(hidden, weight, bias, chunk):
             c = z.shape[1]
             grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(c, cfg["BLOCK_V"]))
