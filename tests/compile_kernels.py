@@ -1,13 +1,17 @@
 """Compile every Triton kernel of the package for real GPU targets, on a machine with no GPU.
 
 The interpreter forgives what the compiler does not (types of loop-carried values, constexpr
-misuse, unsupported ops); this catches it. Run without TRITON_INTERPRET:
-``python tests/compile_kernels.py``.
+misuse, unsupported ops); this catches it, checks shared memory against each card's limit and
+that the fused kernels' K loops are software-pipelined, and prints each variant's registers and
+spilled bytes (ptxas). Run without TRITON_INTERPRET: ``python tests/compile_kernels.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
@@ -21,6 +25,15 @@ from tofu_kernels import tofu
 TARGETS = (GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32))
 # Shared memory a block may use (A100: 163 KiB, H100: 227 KiB); a launch beyond it fails.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# At a launch, Triton specializes every pointer and integer argument that is a multiple of 16 as
+# such; only with that does it vectorize the tile loads and pipeline the K loops (cp.async/TMA).
+# These integer arguments are multiples of 16 at LLM shapes (H 4096, V 128256, N 8192), so each
+# kernel is compiled as it runs there ("aligned"), and with no such facts (odd shapes).
+ALIGNED_INTS = {
+    "N", "V", "H", "C", "stride_xn", "stride_wv", "stride_zn", "stride_logits", "stride_grad",
+    "cols_per_split", "stride_rt",
+}  # fmt: skip
+PIPELINED = ("fused_fwd", "fused_bwd")  # kernels whose tl.dot K loops must be pipelined, aligned
 
 
 def kernel_specs():
@@ -152,25 +165,54 @@ def all_specs(major: int):
     return [*kernel_specs(), *fused_kernel_specs(major), *vocab_chunked_specs()]
 
 
-def compile_one(job: tuple[int, int]) -> str | None:
-    """Compile spec number ``job[0]`` for target number ``job[1]``; the error text or None."""
+def compile_one(job: tuple[int, int, bool]) -> tuple[str, str | None]:
+    """Compile spec number ``job[0]`` for target number ``job[1]``, aligned or not (``job[2]``):
+    (a resource line: registers, spilled bytes, shared memory; the error text or None)."""
     target = TARGETS[job[1]]
     name, fn, signature, constexprs, options = all_specs(target.arch // 10)[job[0]]
+    aligned = job[2]
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, (arg, ty) in enumerate(signature.items())
+        if aligned and (ty.startswith("*") or arg in ALIGNED_INTS)
+    }
+    label = f"{name} sm_{target.arch}{' aligned' if aligned else ''}"
+    log = io.StringIO()
     try:
-        kernel = triton.compile(
-            ASTSource(fn, signature, constexprs), target=target, options=options
-        )
+        with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG: ptxas -v goes to stdout
+            kernel = triton.compile(
+                ASTSource(fn, signature, constexprs, attrs), target=target, options=options
+            )
     except Exception as exc:  # report every failure, then fail
-        return f"FAIL {name} sm_{target.arch}: {type(exc).__name__}: {exc}"
+        return label, f"FAIL {label}: {type(exc).__name__}: {exc}"
+    regs = re.search(r"Used (\d+) registers", log.getvalue())
+    spills = re.search(r"(\d+) bytes spill stores", log.getvalue())
+    line = (
+        f"{label}: {regs.group(1) if regs else '?'} registers, "
+        f"{spills.group(1) if spills else '?'} B spilled, {kernel.metadata.shared} B shared"
+    )
     if kernel.metadata.shared > SHARED_LIMIT[target.arch]:
-        return f"FAIL {name} sm_{target.arch}: {kernel.metadata.shared} B of shared memory"
-    return None
+        return line, f"FAIL {label}: {kernel.metadata.shared} B of shared memory"
+    if aligned and name.startswith(PIPELINED) and "cp.async" not in kernel.asm["ptx"]:
+        # unpipelined, every K step waits on its loads: the GEMM would run at a fraction of peak
+        return line, f"FAIL {label}: K loop not pipelined (no cp.async)"
+    return line, None
 
 
 def main() -> int:
-    jobs = [(i, t) for i in range(len(all_specs(9))) for t in range(len(TARGETS))]
+    # compile afresh (a cached kernel would skip ptxas and its resource log)
+    os.environ.update(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1")
+    jobs = [
+        (i, t, aligned)
+        for i in range(len(all_specs(9)))
+        for t in range(len(TARGETS))
+        for aligned in (True, False)
+    ]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        failures = [f for f in pool.map(compile_one, jobs) if f is not None]
+        results = list(pool.map(compile_one, jobs))
+    for line, _ in results:
+        print(line)
+    failures = [failure for _, failure in results if failure is not None]
     for failure in failures:
         print(failure)
     print(f"compiled {len(jobs) - len(failures)}/{len(jobs)} kernel variants")
