@@ -117,7 +117,7 @@ def fused_kernel_specs(major: int):
                 "gx_ptr": "*fp32", "gw_ptr": gw_ty, "gb_ptr": "*fp32",
                 "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i64", "stride_wv": "i64",
                 "stride_rt": "i32", "stride_scale": "i32", "beta": "fp32", "softcap": "fp32",
-                "ignore_index": "i32", "filter_eps": "fp32",
+                "ignore_index": "i32", "filter_eps": "fp32", "gw_gain": "fp32",
             }  # fmt: skip
             gflags = dict(zip(("GRAD_X", "GRAD_W", "GRAD_B"), grads, strict=True))
             signature.update({k: "constexpr" for k in (*flags, *gflags, *bwd_cfg)})

@@ -427,3 +427,98 @@ def test_fp16_with_a_tiny_or_large_upstream_gradient(device, impl, upstream):
     _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, grad_output=go)
     assert rel_err(x.grad, gx) < LINEAR_GRAD_RTOL[torch.float16], rel_err(x.grad, gx)
     assert rel_err(w.grad, gw) < LINEAR_GRAD_RTOL[torch.float16], rel_err(w.grad, gw)
+
+
+def flat_fp16_head(rows, vocab, hidden, device, x_offset=0.0):
+    """fp16 inputs of a flat softmax (logits spread ~0.3) whose weight rows share a direction,
+    as a trained head's do: the off-target gradient then adds up to a large part of
+    grad_hidden, though each of its entries is tiny (about g / V per row)."""
+    common = torch.randn(1, hidden, device=device)
+    w = (torch.randn(vocab, hidden, device=device) * 0.1 + common).half()
+    x = (torch.randn(rows, hidden, device=device) * 0.3 + x_offset).half()
+    return x, w
+
+
+# 2048 tokens: a mean's 1/N put most fp16 entries of the logits' gradient (~g / (V N)) under
+# fp16's normal range; the torch impl runs the token-chunked impl's own code, which is
+# slow under the interpreter (two tests below run it with impl="chunked" on small shapes).
+@pytest.mark.parametrize(
+    "impl,reduction",
+    [("torch", "mean"), ("torch", "none"), ("vocab_chunked", "mean"), ("fused", "none")],
+)
+def test_fp16_many_tokens_keep_the_off_target_gradient(device, impl, reduction):
+    """Formed at the reduction's scale, 98% of those entries were zeros or subnormals and
+    grad_hidden was 2.2e-2 off (0.4 at 4096 tokens by emulation); each impl now forms the
+    logits' gradient at about 1 and undoes that scale exactly."""
+    n, vocab = 2048, 1024
+    x, w = flat_fp16_head(n, vocab, 32, device)
+    y = torch.randint(0, vocab, (n,), device=device)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    go = torch.full((n,), 1.0 / n, device=device) if reduction == "none" else torch.tensor(1.0)
+    fused_linear_tofu_loss(x, w, y, impl=impl, reduction=reduction).backward(go.to(device))
+    _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, reduction=reduction, grad_output=go)
+    assert rel_err(x.grad, gx) < LINEAR_GRAD_RTOL[torch.float16], rel_err(x.grad, gx)
+    assert rel_err(w.grad, gw) < LINEAR_GRAD_RTOL[torch.float16], rel_err(w.grad, gw)
+
+
+@pytest.mark.parametrize("impl", ["torch", "vocab_chunked", "fused"])
+def test_fp16_weight_gradient_sums_do_not_overflow(device, impl):
+    """At the logits' gradient's unit scale, grad_weight's sum over 1024 tokens of one label
+    with hidden states ~100 would pass fp16's 65504; sums into fp16 (the vocabulary-chunked
+    GEMMs, accum_dtype=None) take a 2^-log2(N) factor, undone after (the true mean is ~50)."""
+    n, vocab = 1024, 64
+    x, w = flat_fp16_head(n, vocab, 16, device, x_offset=100.0)
+    w = (w * 1e-3).requires_grad_(True)  # keep the softmax flat despite the large hidden states
+    y = torch.full((n,), 3, device=device)
+    x.requires_grad_(True)
+    options = {} if impl == "vocab_chunked" else {"accum_dtype": None}
+    fused_linear_tofu_loss(x, w, y, impl=impl, **options).backward()
+    _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8)
+    assert gw.abs().max() > 20  # the true gradient is large, its unscaled sum overflows
+    # (grad_hidden, ~1e-4 x g / N through this tiny weight, is under fp16's range here)
+    assert torch.isfinite(x.grad).all()
+    assert rel_err(w.grad, gw) < LINEAR_GRAD_RTOL[torch.float16], rel_err(w.grad, gw)
+
+
+def test_fp16_chunked_stores_its_gradients_at_a_unit_scale(device):
+    """The token-chunked impl makes mean/sum gradients in forward and scales them in backward:
+    stored at a mean's 1/N, this small weight's grad_hidden (~3e-6) was rounded to fp16
+    subnormals, and fp16 loss scaling (2^16) could not win back the digits it exists for;
+    gradients are now stored at about 1 and scaled once."""
+    n, vocab = 256, 512
+    x, w = flat_fp16_head(n, vocab, 16, device)
+    x.requires_grad_(True)
+    w = (w * 1e-2).requires_grad_(True)
+    y = torch.randint(0, vocab, (n,), device=device)
+    go = torch.tensor(2.0**16, device=device)
+    fused_linear_tofu_loss(x, w, y, impl="chunked").backward(go)
+    _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, grad_output=go)
+    assert rel_err(x.grad, gx) < LINEAR_GRAD_RTOL[torch.float16], rel_err(x.grad, gx)
+    assert rel_err(w.grad, gw) < LINEAR_GRAD_RTOL[torch.float16], rel_err(w.grad, gw)
+
+
+@pytest.mark.parametrize("impl", ["torch", "vocab_chunked", "fused"])
+def test_fp16_confident_batch_with_loss_scaling(device, impl):
+    """Every token confident (p > 0.95): focal weights g under 1e-4, so the logits' gradient is
+    tiny whatever the upstream gradient. The recompute impls normalize by the largest row
+    weight; the token-chunked impl forms it in forward, before g is known, and relies on fp16's
+    headroom (2^8): without it grad_hidden was 0.15 off under 2^16 loss scaling."""
+    n, vocab, hidden = 64, 512, 16
+    # distinct +-1 weight rows and integer logits, exact in fp16: the error is the gradient's
+    # own; a token's hidden state is twice its label's row, so its logit leads by 4 or more
+    codes = torch.randperm(2**hidden, device=device)[:vocab]
+    bits = (codes[:, None] >> torch.arange(hidden, device=device)) & 1
+    w = (bits * 2 - 1).half()
+    y = torch.randint(0, vocab, (n,), device=device)
+    x = w[y] * 2
+    z = x.double() @ w.double().T
+    assert torch.softmax(z, 1).gather(1, y[:, None]).min() > 0.95
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    go = torch.tensor(2.0**16, device=device)
+    options = {} if impl == "vocab_chunked" else {"accum_dtype": torch.float32}
+    fused_linear_tofu_loss(x, w, y, impl=impl, **options).backward(go)
+    _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, grad_output=go)
+    assert rel_err(x.grad, gx) < LINEAR_GRAD_RTOL[torch.float16], rel_err(x.grad, gx)
+    assert rel_err(w.grad, gw) < LINEAR_GRAD_RTOL[torch.float16], rel_err(w.grad, gw)

@@ -59,14 +59,15 @@ def test_no_weight_sized_fp32_buffer_and_frozen_weight(device, monkeypatch):
             return _real(*size, dtype=dtype, **kwargs)
 
         monkeypatch.setattr(vc_mod.torch, name, spy)
-    mm_outs = []
-    real_mm = torch.mm
+    mm_outs = []  # the out= shapes of every GEMM
+    for name in ("mm", "addmm"):
+        real = getattr(torch, name)
 
-    def mm_spy(a, b, *, out=None):
-        mm_outs.append(None if out is None else tuple(out.shape))
-        return real_mm(a, b, out=out)
+        def gemm_spy(*args, _real=real, out=None, **kwargs):
+            mm_outs.append(None if out is None else tuple(out.shape))
+            return _real(*args, out=out, **kwargs)
 
-    monkeypatch.setattr(vc_mod.torch, "mm", mm_spy)
+        monkeypatch.setattr(vc_mod.torch, name, gemm_spy)
     x, w, _, y = make_inputs((30,), 40, 300, torch.bfloat16, device)
     grads = run(x, w, None, y, chunk_size=128)
     check(x, w, None, y, grads, torch.bfloat16)

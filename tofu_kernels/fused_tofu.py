@@ -14,6 +14,7 @@ output precision can be skipped.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -27,7 +28,10 @@ from tofu_kernels.tofu import _cap, tofu_row_terms
 from tofu_kernels.utils import (
     TOFUParams,
     check_backward,
+    half_range,
+    headroom,
     interpreting,
+    pow2_near,
     reduce_loss,
     reduction_scale,
 )
@@ -290,8 +294,9 @@ def _fused_bwd_kernel(
     x_ptr, w_ptr, b_ptr, labels_ptr, rowterm_ptr, scale_ptr, wmax_ptr, gx_ptr, gw_ptr, gb_ptr,
     # sizes and strides
     N, V, H, stride_xn, stride_wv, stride_rt, stride_scale,
-    # TOFU parameters and filtering threshold (0 keeps everything that is not exactly 0)
-    beta, softcap, ignore_index, filter_eps,
+    # TOFU parameters, filtering threshold (0 keeps everything that is not exactly 0), the factor
+    # of grad_weight's tile sums (an fp16 accumulator would overflow at the tiles' scale)
+    beta, softcap, ignore_index, filter_eps, gw_gain,
     # meta
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GRAD_X: tl.constexpr,
     GRAD_W: tl.constexpr, GRAD_B: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -350,6 +355,7 @@ def _fused_bwd_kernel(
                 if GRAD_W:
                     x = _load_rows(x_ptr, rows64, stride_xn, row_mask, k, ks, k_mask, UPCAST)
                     gw = _dot(tl.trans(dz_in), x, tl.zeros((BLOCK_V, BLOCK_K), tl.float32), IEEE)
+                    gw = gw * gw_gain
                     tl.atomic_add(
                         gw_ptr + cols64[:, None] * H + (k + ks)[None, :],
                         gw.to(gw_ptr.dtype.element_ty),
@@ -508,19 +514,29 @@ def fused_tofu_fwd(
 
 
 def normalized_grad_scale(
-    rowterms: torch.Tensor, grad_scale: torch.Tensor
+    rowterms: torch.Tensor, grad_scale: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_scale / norm, wmax / norm, norm)`` for a backward from the merge's per-row terms,
     all on the device: ``wmax`` is the largest row weight ``g * |grad_scale|`` (a bound on every
-    entry of the logits' gradient) and ``norm`` a power of two near ``wmax * N`` (1 if that is
-    0). The gradient formed with the returned scale peaks near ``1 / N`` whatever the upstream
-    gradient, so its half-precision tiles neither flush a tiny one to zero (fp16) nor overflow
-    sums over N rows; multiplying the sums back by ``norm`` is exact."""
+    entry of the logits' gradient) and ``norm`` a power of two near it (1 if it is 0) over
+    :func:`headroom`. The gradient formed in ``dtype`` with the returned scale peaks near the
+    headroom whatever the upstream gradient and the reduction: at a mean's 1/N most fp16
+    entries would be subnormals or zeros (a flat softmax's whole off-target gradient), and a
+    tiny upstream gradient or a confident batch flushes them too. Multiplying the sums back by
+    ``norm`` is exact; sums into an fp16 gradient take a :func:`rows_gain` as well."""
     n = rowterms.shape[1]
     wmax = (rowterms[3] * grad_scale.abs().expand(n)).max().reshape(1)
-    x = wmax * n
-    norm = torch.exp2(torch.round(torch.log2(torch.where(x > 0, x, torch.ones_like(x)))))
+    norm = pow2_near(wmax) / headroom(dtype)
     return grad_scale / norm, wmax / norm, norm
+
+
+def rows_gain(rows: int, dtype: torch.dtype) -> float:
+    """Factor for sums over ``rows`` rows of a gradient formed at its headroom that go into a
+    ``dtype`` accumulator: 2^-round(log2 rows) / headroom for fp16 (65504 would overflow), 1
+    otherwise."""
+    if not half_range(dtype):
+        return 1.0
+    return 2.0 ** -round(math.log2(max(rows, 1))) / headroom(dtype)
 
 
 def fused_tofu_bwd(
@@ -555,7 +571,8 @@ def fused_tofu_bwd(
     gw = torch.zeros(vocab, h, dtype=w_acc, device=dev) if needs[1] else None
     gb = torch.zeros(vocab, dtype=f32, device=dev) if needs[2] else None
     if n and any(needs):
-        grad_scale, wmax, norm = normalized_grad_scale(rowterms, grad_scale)  # norm undone below
+        grad_scale, wmax, norm = normalized_grad_scale(rowterms, grad_scale, hidden.dtype)
+        gain = rows_gain(n, w_acc)
         kernel, cfg = _launcher(
             _fused_bwd_kernel, BWD_CONFIGS, TUNE_BWD, hidden, ("gx_ptr", "gw_ptr", "gb_ptr")
         )
@@ -582,7 +599,7 @@ def fused_tofu_bwd(
                 e - s, vocab, h, hidden.stride(0), weight.stride(0), rowterms.stride(0),
                 int(row_scale), params.beta,
                 params.softcap if params.softcap is not None else 1.0, params.ignore_index,
-                float(filter_eps),
+                float(filter_eps), gain,
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None,
                 GRAD_X=needs[0], GRAD_W=needs[1], GRAD_B=needs[2], **_dot_flags(hidden.dtype),
                 **cfg,
@@ -591,9 +608,10 @@ def fused_tofu_bwd(
                 gx_acc.mul_(norm)
                 if hidden.dtype != f32:  # fp32 grad_hidden was summed in place
                     gx[s:e] = gx_acc
-        for g in (gw, gb):
-            if g is not None:
-                g.mul_(norm)
+        if gw is not None:
+            gw.mul_(norm / gain)
+        if gb is not None:
+            gb.mul_(norm)
     # Cast one fp32 buffer at a time, dropping each before the next cast.
     if gw is not None:
         gw = gw.to(weight.dtype)

@@ -3,7 +3,8 @@
 The full ``(N, V)`` logits never exist: each chunk of tokens gets its logits in one reused buffer,
 the TOFU kernel turns them into per-token losses and, in place, into the logits' gradient, and two
 GEMMs fold that gradient into ``grad_hidden`` (this chunk's rows) and ``grad_weight`` (summed over
-chunks in fp32). Gradients are produced in forward; backward only scales them by ``grad_output``.
+chunks in fp32). Gradients are produced in forward; backward only scales them by ``grad_output``
+(and by the power of two they were stored over).
 
 The public :func:`fused_linear_tofu_loss` also dispatches to the impls that recompute in backward
 (``tofu_kernels.vocab_chunked``, ``tofu_kernels.fused_tofu``).
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tofu_kernels.fused_tofu import FusedParams, FusedTOFUFunction, shard_layout
+from tofu_kernels.fused_tofu import FusedParams, FusedTOFUFunction, rows_gain, shard_layout
 from tofu_kernels.tofu import tofu_fwd, tofu_fwd_torch
 from tofu_kernels.utils import (
     KERNEL_DTYPES,
@@ -29,8 +30,10 @@ from tofu_kernels.utils import (
     check_labels,
     check_num_items,
     check_tensor,
-    grad_multiplier,
+    half_range,
+    headroom,
     interpreting,
+    pow2_near,
     reduce_loss,
     reduction_scale,
     use_triton,
@@ -71,14 +74,25 @@ def linear_tofu_fwd(
     need_grad_weight: bool = True,
     need_grad_bias: bool = True,
 ) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor | None,
+    torch.Tensor | None,
+    torch.Tensor | None,
+    torch.Tensor,
 ]:
     """Chunked TOFU on ``hidden (N, H) @ weight (V, H).T + bias``; no input checks, no autograd.
 
-    Returns ``(loss_rows, stats, grad_hidden, grad_weight, grad_bias)``: per-token fp32 losses and
-    ``(4, N)`` stats as :func:`tofu_kernels.tofu.tofu_fwd`, and the gradients of
-    ``sum_t grad_scale[t] * loss[t]`` (``grad_scale`` fp32 with 1 or N elements; None means 1)
-    for the inputs asked for, in the inputs' dtypes (None for the others).
+    Returns ``(loss_rows, stats, grad_hidden, grad_weight, grad_bias, norms)``: per-token fp32
+    losses and ``(4, N)`` stats as :func:`tofu_kernels.tofu.tofu_fwd`, and the gradients of
+    ``sum_t grad_scale[t] * loss[t]`` (``grad_scale`` with 1 or N elements, fp32 or fp64;
+    None means 1) for the inputs asked for, in the inputs' dtypes (None for the others), each
+    divided by a power of two: ``norms`` (3,) holds them (the gradient is ``grad * norms[i]``).
+    The logits' gradient is formed with ``grad_scale`` over a power of two near its largest
+    entry, times :func:`~tofu_kernels.utils.headroom`: fp16 has a narrow range, and at a mean's
+    1/N most of its entries would be subnormals or zeros. In fp16, ``grad_weight`` and
+    ``grad_bias``, sums over N rows, are stored over a power of two near their largest entry
+    (fp32 accumulator) or near N (fp16 accumulator, by :func:`rows_gain`).
     """
     tofu = params.tofu
     n, h = hidden.shape
@@ -100,6 +114,19 @@ def linear_tofu_fwd(
     m = hidden.shape[0]
 
     acc_dtype = torch.promote_types(params.accum_dtype or weight.dtype, weight.dtype)
+    # the kernel's gradient peaks near the headroom (the largest grad_scale over a power of two
+    # near it, times the headroom); `norm` undoes that exactly
+    room = headroom(dtype)
+    norm = torch.full(
+        (1,), 1.0 / room, dtype=torch.promote_types(dtype, torch.float32), device=device
+    )
+    if grad_scale is not None and grad_scale.numel():
+        norm = pow2_near(grad_scale.abs().max().reshape(1).to(norm.dtype)) / room
+        grad_scale = grad_scale / norm
+    elif grad_scale is None and room != 1.0:
+        grad_scale = norm.reciprocal()
+    # an fp16 accumulator takes each chunk's sum times ~1/rows: at ~1 per row it would overflow
+    alpha = rows_gain(m, acc_dtype)
     g_hidden = torch.empty_like(hidden) if need_grad_hidden else None
     g_weight = (
         torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_grad_weight else None
@@ -126,9 +153,9 @@ def linear_tofu_fwd(
         if g_hidden is not None:
             torch.mm(g, weight, out=g_hidden[s:e])
         if g_weight is not None:
-            accumulate(g_weight, g.t(), x)
+            accumulate(g_weight, g.t(), x, alpha)
         if g_bias is not None:
-            g_bias.add_(g.sum(0, dtype=acc_dtype))
+            g_bias.add_(g.sum(0, dtype=torch.promote_types(acc_dtype, torch.float32)), alpha=alpha)
 
     if rows is None:
         loss, stats = loss_m, stats_m
@@ -139,11 +166,22 @@ def linear_tofu_fwd(
             g_hidden = torch.zeros((n, h), dtype=dtype, device=device).index_copy_(
                 0, rows, g_hidden
             )
-    if g_weight is not None:
-        g_weight = g_weight.to(weight.dtype)
-    if g_bias is not None:
-        g_bias = g_bias.to(bias.dtype)
-    return loss, stats, g_hidden, g_weight, g_bias
+    g_weight, norm_w = _stored(g_weight, weight.dtype, norm / alpha)
+    g_bias, norm_b = _stored(g_bias, bias.dtype if bias is not None else dtype, norm / alpha)
+    return loss, stats, g_hidden, g_weight, g_bias, torch.cat([norm, norm_w, norm_b])
+
+
+def _stored(
+    acc: torch.Tensor | None, dtype: torch.dtype, norm: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """An accumulated gradient (times ``1 / norm``) cast to ``dtype``, and its new ``norm``: an
+    fp32 sum over N rows cast to fp16 is first divided by a power of two near its largest entry
+    (exact), so that it neither overflows nor falls into subnormals."""
+    if acc is None or acc.dtype == dtype or not half_range(dtype):
+        return (acc.to(dtype) if acc is not None else None), norm
+    lo, hi = torch.aminmax(acc)  # no (V, H) temporary, as abs() would make
+    peak = pow2_near(torch.maximum(-lo, hi).reshape(1)).to(norm.dtype)
+    return acc.div_(peak).to(dtype), norm * peak
 
 
 @torch.library.custom_op("tofu_kernels::linear_tofu_chunked", mutates_args=())
@@ -162,16 +200,16 @@ def linear_tofu_op(
     accum_dtype: torch.dtype | None,
     drop_ignored: bool,
     needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`linear_tofu_fwd` as an opaque op for ``torch.compile``; gradients that were not
     asked for come back empty."""
     tofu = TOFUParams(gamma, beta, ignore_index, "sum", softcap, rows_impl)
     params = LinearTOFUParams(tofu, chunk_size, accum_dtype, drop_ignored)
-    loss, stats, *grads = linear_tofu_fwd(
+    loss, stats, *grads, norms = linear_tofu_fwd(
         hidden, weight, labels, bias, params, grad_scale=grad_scale,
         need_grad_hidden=needs[0], need_grad_weight=needs[1], need_grad_bias=needs[2],
     )  # fmt: skip
-    return loss, stats, *(g if g is not None else hidden.new_empty(0) for g in grads)
+    return loss, stats, *(g if g is not None else hidden.new_empty(0) for g in grads), norms
 
 
 @linear_tofu_op.register_fake
@@ -186,21 +224,24 @@ def _(hidden, weight, labels, bias, grad_scale, gamma, beta, ignore_index, softc
         torch.empty_like(hidden) if needs[0] else empty,
         torch.empty_like(weight) if needs[1] else empty,
         torch.empty_like(bias) if needs[2] and bias is not None else empty,
+        hidden.new_empty(3, dtype=dtype),
     )
 
 
 def _call_linear_op(x, weight, y, bias, params, grad_scale, needs):
     tofu = params.tofu
-    loss, stats, *grads = linear_tofu_op(
+    loss, stats, *grads, norms = linear_tofu_op(
         x, weight, y, bias, grad_scale, tofu.gamma, tofu.beta, tofu.ignore_index, tofu.softcap,
         tofu.impl, params.chunk_size, params.accum_dtype, params.drop_ignored, list(needs),
     )  # fmt: skip
-    return loss, stats, *(g if need else None for g, need in zip(grads, needs, strict=True))
+    grads = [g if need else None for g, need in zip(grads, needs, strict=True)]
+    return loss, stats, *grads, norms
 
 
 class LinearTOFUFunction(torch.autograd.Function):
-    """Mean/sum: gradients made in forward, scaled in backward. "none": recomputed in backward,
-    since a per-token ``grad_output`` must weigh each row before the sum into ``grad_weight``."""
+    """Mean/sum: gradients made in forward (at a unit scale), scaled in backward. "none":
+    recomputed in backward, since a per-token ``grad_output`` must weigh each row before the sum
+    into ``grad_weight``."""
 
     @staticmethod
     def forward(
@@ -219,9 +260,11 @@ class LinearTOFUFunction(torch.autograd.Function):
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
         scale = reduction_scale(y, tofu, num_items_in_batch, compute_dtype)
         deferred = tofu.reduction == "none" and any(needs)
-        grad_scale = None if scale is None else scale.reshape(1)
         fwd_needs = tuple(need and not deferred for need in needs)
-        loss_rows, row_stats, *grads = _call_linear_op(
+        grad_scale = None if scale is None else scale.reshape(1)
+        # stored at about 1 (a mean's 1/N would put fp16 gradients into subnormals, where fp16
+        # loss scaling in backward could not win their digits back), times `norms` in backward
+        loss_rows, row_stats, *grads, norms = _call_linear_op(
             x, weight, y, bias, params, grad_scale, fwd_needs
         )
         ctx.params, ctx.needs, ctx.deferred = params, needs, deferred
@@ -230,7 +273,7 @@ class LinearTOFUFunction(torch.autograd.Function):
         if deferred:
             ctx.save_for_backward(x, weight, bias, y)
         else:
-            ctx.save_for_backward(*grads)
+            ctx.save_for_backward(*grads, norms)
         ctx.mark_non_differentiable(row_stats)
         return reduce_loss(loss_rows, labels.shape, tofu, scale), row_stats
 
@@ -242,13 +285,16 @@ class LinearTOFUFunction(torch.autograd.Function):
             x, weight, bias, y = ctx.saved_tensors
             # contiguous: a grad_output from .sum() is an expanded, stride-0 view
             grad_scale = grad_loss.reshape(-1).to(ctx.compute_dtype).contiguous()
-            _, _, *grads = _call_linear_op(x, weight, y, bias, ctx.params, grad_scale, ctx.needs)
+            _, _, *grads, norms = _call_linear_op(
+                x, weight, y, bias, ctx.params, grad_scale, ctx.needs
+            )
+            factor = 1.0  # already weighed by grad_output
         else:
-            grads = list(ctx.saved_tensors)
-            factor = grad_multiplier(grad_loss, None, ctx.compute_dtype)  # (1, 1)
-            for g in grads:
-                if g is not None:
-                    g.mul_(factor if g.ndim == 2 else factor.reshape(1))
+            *grads, norms = ctx.saved_tensors
+            factor = grad_loss.to(norms.dtype)
+        for i, g in enumerate(grads):
+            if g is not None:  # an fp32 factor with a dimension: g is rounded once
+                g.mul_((norms[i] * factor).reshape((1,) * g.ndim))
         g_hidden, g_weight, g_bias = grads
         if g_hidden is not None:
             g_hidden = g_hidden.view(ctx.hidden_shape)

@@ -17,6 +17,7 @@ from tofu_kernels.utils import (
     check_num_items,
     check_tensor,
     grad_multiplier,
+    pow2_near,
     reduce_loss,
     reduction_scale,
     use_triton,
@@ -292,16 +293,19 @@ def tofu_rows_op(
     softcap: float | None,
     compute_grad: bool,
     triton_impl: bool,
+    grad_scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`tofu_fwd` (or its PyTorch twin) as an opaque op, so ``torch.compile`` traces around
     the launch. The gradient output is empty when not computed (an op cannot return None)."""
     fwd = tofu_fwd if triton_impl else tofu_fwd_torch
-    loss, stats, grad = fwd(logits, labels, gamma, beta, ignore_index, softcap, compute_grad)
+    loss, stats, grad = fwd(
+        logits, labels, gamma, beta, ignore_index, softcap, compute_grad, None, grad_scale
+    )
     return loss, stats, grad if grad is not None else logits.new_empty(0)
 
 
 @tofu_rows_op.register_fake
-def _(logits, labels, gamma, beta, ignore_index, softcap, compute_grad, triton_impl):
+def _(logits, labels, gamma, beta, ignore_index, softcap, compute_grad, triton_impl, grad_scale):
     n, vocab = logits.shape
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     grad = logits.new_empty((n, vocab) if compute_grad else (0,))
@@ -325,22 +329,27 @@ class TOFULossFunction(torch.autograd.Function):
         if z.stride(-1) != 1:
             z = z.contiguous()
         y = labels.reshape(-1)
+        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        scale = reduction_scale(y, params, num_items_in_batch, dtype)
+        # the gradient is rounded once: formed at the mean's scale over a power of two near it
+        # (at 1/N itself fp16 would flush it), which backward multiplies back exactly
+        norm = pow2_near(scale) if scale is not None else None
         loss_rows, row_stats, grad = tofu_rows_op(
             z, y, params.gamma, params.beta, params.ignore_index, params.softcap, compute_grad,
             use_triton(params.impl, z.device, z.dtype),
+            (scale / norm).reshape(1) if scale is not None else None,
         )  # fmt: skip
-        scale = reduction_scale(y, params, num_items_in_batch, loss_rows.dtype)
         ctx.params = params
         ctx.logits_shape = logits.shape
-        ctx.save_for_backward(grad, scale)
+        ctx.save_for_backward(grad, norm)
         ctx.mark_non_differentiable(row_stats)
         return reduce_loss(loss_rows, labels.shape, params, scale), row_stats
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor | None):
         check_backward(ctx, "tofu_loss", consumes=True)
-        grad, scale = ctx.saved_tensors
-        grad.mul_(grad_multiplier(grad_loss, scale, torch.promote_types(grad.dtype, torch.float32)))
+        grad, norm = ctx.saved_tensors
+        grad.mul_(grad_multiplier(grad_loss, norm, torch.promote_types(grad.dtype, torch.float32)))
         return grad.view(ctx.logits_shape), None, None, None, None
 
 

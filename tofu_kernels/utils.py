@@ -54,19 +54,42 @@ class TOFUParams:
 _ADDMM_OUT_DTYPE = True  # torch.addmm(..., out_dtype=float32) on CUDA; off after one failure
 
 
-def accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` possibly fp32 while ``a, b`` are half precision."""
+def accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """``acc += alpha * (a @ b)`` with ``acc`` possibly fp32 while ``a, b`` are half precision;
+    the product is never rounded to half precision before ``alpha`` applies."""
     global _ADDMM_OUT_DTYPE
     if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, alpha=alpha)
         return
     if a.is_cuda and _ADDMM_OUT_DTYPE:
         try:  # no (V, H) half-precision temporary: cuBLAS writes fp32 directly
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            torch.addmm(acc, a, b, alpha=alpha, out_dtype=acc.dtype, out=acc)
             return
         except (RuntimeError, TypeError):
             _ADDMM_OUT_DTYPE = False
-    acc.add_(a @ b)
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
+
+
+def pow2_near(x: torch.Tensor) -> torch.Tensor:
+    """A power of two near ``x >= 0`` (1 where ``x`` is 0), on ``x``'s device: scaling by it
+    is exact, so a gradient can be formed at a well-scaled magnitude and the scale undone."""
+    return torch.exp2(torch.round(torch.log2(torch.where(x > 0, x, torch.ones_like(x)))))
+
+
+def half_range(dtype: torch.dtype) -> bool:
+    """fp16's narrow exponent range: values under 6e-5 lose digits, over 65504 overflow."""
+    return dtype == torch.float16
+
+
+# fp16 logit gradients are formed peaking near this power of two, not 1: entries far below the
+# peak (a flat softmax's ~1/V, confident rows' small focal weights) then stay in fp16's normal
+# range, and sums of a row's entries times a weight row stay far from 65504.
+FP16_HEADROOM = 2.0**8
+
+
+def headroom(dtype: torch.dtype) -> float:
+    """Peak of a logits' gradient formed in ``dtype``: :data:`FP16_HEADROOM` for fp16, else 1."""
+    return FP16_HEADROOM if half_range(dtype) else 1.0
 
 
 def interpreting() -> bool:

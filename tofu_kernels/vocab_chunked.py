@@ -24,6 +24,7 @@ from tofu_kernels.fused_tofu import (
     _NEG_BIG,
     normalized_grad_scale,
     online_update,
+    rows_gain,
     store_partials,
     tofu_dz,
 )
@@ -186,7 +187,8 @@ def vocab_chunked_bwd(
         softcap = params.softcap if params.softcap is not None else 1.0
         chunk = chunk_size or default_vocab_chunk(h, vocab)
         # the logits' gradient is written in their dtype: scaled to a safe range, undone below
-        grad_scale, _, norm = normalized_grad_scale(rowterms, grad_scale)
+        grad_scale, _, norm = normalized_grad_scale(rowterms, grad_scale, hidden.dtype)
+        gain = rows_gain(n, weight.dtype)  # grad_weight's GEMMs sum all N rows into its dtype
         for _, c0, z in _chunks(hidden, weight, bias, chunk):
             c = z.shape[1]
             grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(c, cfg["BLOCK_V"]))
@@ -196,14 +198,16 @@ def vocab_chunked_bwd(
                 HAS_SOFTCAP=params.softcap is not None, **cfg,
             )  # fmt: skip
             if gw is not None:
-                torch.mm(z.t(), hidden, out=gw[c0 : c0 + c])
+                rows = gw[c0 : c0 + c]
+                torch.addmm(rows, z.t(), hidden, beta=0, alpha=gain, out=rows)
             if gx is not None:
                 accumulate(gx, z, weight[c0 : c0 + c])
             if gb is not None:
                 gb[c0 : c0 + c] = z.sum(0, dtype=torch.float32) * norm
-        for g in (gx, gw):
-            if g is not None:
-                g.mul_(norm)
+        if gx is not None:
+            gx.mul_(norm)
+        if gw is not None:
+            gw.mul_(norm / gain)
     if gx is not None:
         gx = gx.to(hidden.dtype)
     return gx, gw, gb
