@@ -120,10 +120,10 @@ def linear_tofu_fwd(
     norm = torch.full(
         (1,), 1.0 / room, dtype=torch.promote_types(dtype, torch.float32), device=device
     )
-    if grad_scale is not None and grad_scale.numel():
+    if any_grad and grad_scale is not None and grad_scale.numel():
         norm = pow2_near(grad_scale.abs().max().reshape(1).to(norm.dtype)) / room
         grad_scale = grad_scale / norm
-    elif grad_scale is None and room != 1.0:
+    elif any_grad and grad_scale is None and room != 1.0:
         grad_scale = norm.reciprocal()
     # an fp16 accumulator takes each chunk's sum times ~1/rows: at ~1 per row it would overflow
     alpha = rows_gain(m, acc_dtype)
@@ -181,7 +181,8 @@ def _stored(
         return (acc.to(dtype) if acc is not None else None), norm
     lo, hi = torch.aminmax(acc)  # no (V, H) temporary, as abs() would make
     peak = pow2_near(torch.maximum(-lo, hi).reshape(1)).to(norm.dtype)
-    return acc.div_(peak).to(dtype), norm * peak
+    out = torch.empty(acc.shape, dtype=dtype, device=acc.device)
+    return torch.div(acc, peak, out=out), norm * peak  # divided and cast in one pass
 
 
 @torch.library.custom_op("tofu_kernels::linear_tofu_chunked", mutates_args=())
