@@ -10,7 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import GRAD_RTOL, assert_close, linear_oracle, oracle, random_labels, random_logits
+from helpers import (
+    GRAD_RTOL,
+    LINEAR_GRAD_RTOL,
+    assert_close,
+    linear_oracle,
+    oracle,
+    random_labels,
+    random_logits,
+)
 from tofu_kernels import fused_linear_tofu_loss, tofu_loss
 
 pytestmark = pytest.mark.gpu
@@ -113,6 +121,23 @@ def test_fused_linear_llama3_head_bf16_against_oracle(impl, accum_dtype, frozen)
         assert_close(w.grad, gw, 2e-2, "grad_weight")
     else:
         assert w.grad is None
+
+
+@pytest.mark.parametrize("impl", ["chunked", "vocab_chunked", "fused"])
+def test_fused_linear_llama3_head_fp16_flat_softmax(impl):
+    """fp16 at the Llama-3-8B head under 2^16 loss scaling, with a flat softmax over weight rows
+    that share a direction: at a mean's 1/N most logit-gradient entries would be fp16 zeros and
+    grad_hidden would lose the off-target part (0.4 off by CPU emulation at 4096 tokens)."""
+    n, h, v = 8192, 4096, LLAMA3_VOCAB
+    x = (torch.randn(n, h, device="cuda") * 0.3 / h**0.5).half().requires_grad_(True)
+    common = torch.randn(1, h, device="cuda")
+    w = (torch.randn(v, h, device="cuda") * 0.1 + common).half().requires_grad_(True)
+    y = random_labels((n,), v, "cuda", ignored=0.3)
+    go = torch.tensor(2.0**16, device="cuda")
+    fused_linear_tofu_loss(x, w, y, impl=impl).backward(go)
+    _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, grad_output=go, rows_per_slice=512)
+    assert_close(x.grad, gx, LINEAR_GRAD_RTOL[torch.float16], "grad_hidden")
+    assert_close(w.grad, gw, LINEAR_GRAD_RTOL[torch.float16], "grad_weight")
 
 
 @pytest.mark.parametrize("impl", ["chunked", "vocab_chunked", "fused"])
