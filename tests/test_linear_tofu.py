@@ -441,7 +441,7 @@ def flat_fp16_head(rows, vocab, hidden, device, x_offset=0.0):
 
 # 2048 tokens: a mean's 1/N put most fp16 entries of the logits' gradient (~g / (V N)) under
 # fp16's normal range; the torch impl runs the token-chunked impl's own code, which is
-# slow under the interpreter (two tests below run it with impl="chunked" on small shapes).
+# slow under the interpreter with impl="chunked" (a test below runs that on a small shape).
 @pytest.mark.parametrize(
     "impl,reduction",
     [("torch", "mean"), ("torch", "none"), ("vocab_chunked", "mean"), ("fused", "none")],
@@ -449,7 +449,7 @@ def flat_fp16_head(rows, vocab, hidden, device, x_offset=0.0):
 def test_fp16_many_tokens_keep_the_off_target_gradient(device, impl, reduction):
     """Formed at the reduction's scale, 98% of those entries were zeros or subnormals and
     grad_hidden was 2.2e-2 off (0.4 at 4096 tokens by emulation); each impl now forms the
-    logits' gradient at about 1 and undoes that scale exactly."""
+    logits' gradient peaking near 2^8 and undoes that scale exactly."""
     n, vocab = 2048, 1024
     x, w = flat_fp16_head(n, vocab, 32, device)
     y = torch.randint(0, vocab, (n,), device=device)
@@ -466,7 +466,7 @@ def test_fp16_many_tokens_keep_the_off_target_gradient(device, impl, reduction):
 def test_fp16_weight_gradient_sums_do_not_overflow(device, impl):
     """At the logits' gradient's unit scale, grad_weight's sum over 1024 tokens of one label
     with hidden states ~100 would pass fp16's 65504; sums into fp16 (the vocabulary-chunked
-    GEMMs, accum_dtype=None) take a 2^-log2(N) factor, undone after (the true mean is ~50)."""
+    GEMMs, accum_dtype=None) take an exact factor near 1/N, undone after (the true mean is ~50)."""
     n, vocab = 1024, 64
     x, w = flat_fp16_head(n, vocab, 16, device, x_offset=100.0)
     w = (w * 1e-3).requires_grad_(True)  # keep the softmax flat despite the large hidden states
@@ -485,7 +485,7 @@ def test_fp16_chunked_stores_its_gradients_at_a_unit_scale(device):
     """The token-chunked impl makes mean/sum gradients in forward and scales them in backward:
     stored at a mean's 1/N, this small weight's grad_hidden (~3e-6) was rounded to fp16
     subnormals, and fp16 loss scaling (2^16) could not win back the digits it exists for;
-    gradients are now stored at about 1 and scaled once."""
+    gradients are now stored near 2^8 and scaled once."""
     n, vocab = 256, 512
     x, w = flat_fp16_head(n, vocab, 16, device)
     x.requires_grad_(True)
