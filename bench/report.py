@@ -48,6 +48,40 @@ def _describe(row: dict) -> str:
     )
 
 
+# What impl="auto" may pick: the exact impls, with their default options.
+AUTO_CANDIDATES = ("chunked", "vocab_chunked", "fused")
+
+
+def auto_choice(rows: list[dict]) -> dict | None:
+    """impl="auto"'s picks on this run's card: per regime ("train": with grad_weight, "frozen":
+    a LoRA head), the candidate with the least total time over the forward+backward TOFU cases
+    that chunked ran; a candidate that failed or is missing any of them is out. None without a
+    GPU's capability (a CPU run) or without chunked rows."""
+    if not rows or rows[0].get("versions", {}).get("capability") is None:
+        return None
+    choice = {}
+    for regime, weight_grad in (("train", True), ("frozen", False)):
+        times: dict[str, dict] = {impl: {} for impl in AUTO_CANDIDATES}
+        for r in rows:
+            impl = r["provider"].removeprefix("tofu_kernels/")
+            if (
+                impl in times
+                and r["provider"] != impl
+                and r["loss"] == "tofu"
+                and r["mode"] == "fwd_bwd"
+                and r["weight_grad"] == weight_grad
+                and r["status"] == "ok"
+            ):
+                times[impl][(r["case"], r["tokens"])] = r["ms"]
+        cases = set(times["chunked"])
+        ran = {impl: t for impl, t in times.items() if cases and cases <= set(t)}
+        if ran:
+            choice[regime] = min(ran, key=lambda impl: sum(ran[impl][c] for c in cases))
+    if not choice:
+        return None
+    return {"capability": rows[0]["versions"]["capability"], "device": rows[0]["device"], **choice}
+
+
 def headline_table(rows: list[dict], headline: tuple[str, int]) -> str:
     """The headline case: ms and peak MB per provider, ratios to Liger, CCE and the GEMM floor."""
     name, tokens = headline

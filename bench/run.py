@@ -350,6 +350,8 @@ def environment() -> dict:
             "liger_kernel": package_version("liger-kernel"),
             "cut_cross_entropy": package_version("cut-cross-entropy"),
             "interpreter": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+            # the key of impl="auto"'s measured picks (bench/publish.py --auto)
+            "capability": torch.cuda.get_device_capability()[0] if DEVICE == "cuda" else None,
         },
     }
 

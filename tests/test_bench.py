@@ -227,3 +227,50 @@ def test_tune_fused_smoke(tmp_path):
     assert len(result["fwd"]) == 2 and len(result["bwd"]) == 4
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in result["fwd"] + result["bwd"])
     assert "| bwd |" in (tmp_path / "tune.md").read_text()
+
+
+def test_auto_choice_and_its_record(monkeypatch, tmp_path):
+    """impl="auto"'s picks come from a GPU run's rows: per regime the least total time over the
+    cases chunked ran; a candidate that failed any of them is out; a CPU run picks nothing.
+    publish.py --auto keeps other capabilities' entries, and the library follows the table."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    report = importlib.import_module("report")
+    publish = importlib.import_module("publish")
+    gpu = {"device": "NVIDIA H100 80GB HBM3", "versions": {"capability": 9}}
+
+    def row(impl, case, ms, weight_grad=True, status="ok", loss="tofu", mode="fwd_bwd"):
+        return dict(gpu, provider=f"tofu_kernels/{impl}", case=case, tokens=8192, ms=ms,
+                    weight_grad=weight_grad, status=status, loss=loss, mode=mode)  # fmt: skip
+
+    rows = [
+        row("chunked", "a", 10.0), row("chunked", "b", 10.0),
+        row("vocab_chunked", "a", 8.0), row("vocab_chunked", "b", 13.0),  # 21 > 20: slower
+        row("fused", "a", 5.0), row("fused", "b", 5.0, status="oom"),  # failed one: out
+        row("chunked-bf16acc", "a", 1.0), row("chunked-bf16acc", "b", 1.0),  # not a candidate
+        row("vocab_chunked", "a", 1.0, loss="ce"), row("vocab_chunked", "a", 1.0, mode="fwd"),
+        row("chunked", "lora", 6.0, weight_grad=False),
+        row("vocab_chunked", "lora", 4.0, weight_grad=False),
+    ]  # fmt: skip
+    assert report.auto_choice(rows) == {
+        "capability": 9, "device": gpu["device"], "train": "chunked", "frozen": "vocab_chunked"
+    }  # fmt: skip
+    rows.append(row("vocab_chunked", "b", 11.0))  # a later row of the same case wins: 19 < 20
+    assert report.auto_choice(rows)["train"] == "vocab_chunked"
+    assert report.auto_choice([dict(r, versions={"capability": None}) for r in rows]) is None
+
+    table = tmp_path / "auto_impl.json"
+    table.write_text(json.dumps({"8": {"train": "chunked"}}))
+    publish.record_auto(rows, "bench/results/x.json", table)
+    entries = json.loads(table.read_text())
+    assert entries["8"] == {"train": "chunked"}
+    assert entries["9"]["train"] == "vocab_chunked" and entries["9"]["frozen"] == "vocab_chunked"
+
+    from tofu_kernels import linear_tofu
+
+    monkeypatch.setattr(linear_tofu, "measured_impls", lambda: entries)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert linear_tofu.auto_impl(torch.device("cuda"), frozen=False) == "vocab_chunked"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert linear_tofu.auto_impl(torch.device("cuda"), frozen=True) == "chunked"  # none measured
+    entries["8"]["train"] = "bogus"
+    assert linear_tofu.auto_impl(torch.device("cuda"), frozen=False) == "chunked"

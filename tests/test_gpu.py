@@ -140,6 +140,31 @@ def test_fused_linear_llama3_head_fp16_flat_softmax(impl):
     assert_close(w.grad, gw, LINEAR_GRAD_RTOL[torch.float16], "grad_weight")
 
 
+def test_auto_follows_the_measured_table(monkeypatch):
+    """impl="auto" runs the table's pick for this GPU's capability (bench/publish.py --auto),
+    and the token-chunked impl when an option of that impl is given."""
+    from tofu_kernels import fused_tofu, linear_tofu
+
+    major = str(torch.cuda.get_device_capability()[0])
+    table = {major: {"train": "vocab_chunked", "frozen": "fused"}}
+    monkeypatch.setattr(linear_tofu, "measured_impls", lambda: table)
+    seen = []
+    real = fused_tofu.recompute_partials
+
+    def spy(*args, **kwargs):
+        seen.append(args[5] if len(args) > 5 else kwargs.get("impl", "fused"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_tofu, "recompute_partials", spy)
+    x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(1000, 128, device="cuda") / 12).to(torch.bfloat16).requires_grad_(True)
+    y = random_labels((64,), 1000, "cuda")
+    fused_linear_tofu_loss(x, w, y).backward()
+    fused_linear_tofu_loss(x, w.detach(), y)
+    fused_linear_tofu_loss(x, w, y, chunk_size=16).backward()  # chunked: no partials
+    assert seen == ["vocab_chunked", "fused"]
+
+
 @pytest.mark.parametrize("impl", ["chunked", "vocab_chunked", "fused"])
 def test_inductor_fullgraph_matches_eager(impl):
     x = torch.randn(2, 256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)

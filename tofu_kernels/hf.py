@@ -332,6 +332,16 @@ class _FusedHead:
             # softcap(s * (h W^T + b)) == softcap((s h) W^T + s b): the scale folds into hidden.
             hidden = hidden * st.scale
             bias = None if bias is None else bias * st.scale
+        impl = _IMPLS[st.impl][0]
+        if st.return_logits and _is_fsdp_unit(self.head):
+            if impl in RECOMPUTE_IMPLS:
+                raise ValueError(
+                    f"impl={st.impl!r} with return_logits=True cannot run with lm_head as its "
+                    "own FSDP2 unit: its backward reads the weight, and the detached logits "
+                    "give FSDP2 no hook to gather it again; use impl='chunked' or no logits"
+                )
+            if impl == "auto" and hidden.is_cuda:
+                impl = "chunked"  # what auto measured fastest may be a recompute impl
         self.loss, self.stats = fused_linear_tofu_loss(
             hidden,
             weight,
@@ -343,16 +353,10 @@ class _FusedHead:
             num_items_in_batch=self.num_items_in_batch,
             softcap=st.softcap,
             chunk_size=st.chunk_size,
-            impl=_IMPLS[st.impl][0],
+            impl=impl,
             return_stats=True,
         )
         if st.return_logits:
-            if _IMPLS[st.impl][0] in RECOMPUTE_IMPLS and _is_fsdp_unit(self.head):
-                raise ValueError(
-                    f"impl={st.impl!r} with return_logits=True cannot run with lm_head as its "
-                    "own FSDP2 unit: its backward reads the weight, and the detached logits "
-                    "give FSDP2 no hook to gather it again; use impl='chunked' or no logits"
-                )
             with torch.no_grad():
                 return self.real_forward(x)
         # An empty "logits" tensor (the model's own softcap or scaling runs on it for free),

@@ -12,8 +12,11 @@ The public :func:`fused_linear_tofu_loss` also dispatches to the impls that reco
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -42,6 +45,25 @@ from tofu_kernels.utils import (
 LINEAR_IMPLS = ("auto", "chunked", "vocab_chunked", "fused", "torch")
 # impls that save O(N) per-row terms and compute the gradients in backward
 RECOMPUTE_IMPLS = ("vocab_chunked", "fused")
+# impl="auto" on a GPU: the impl that `bench/publish.py --auto` found fastest in a committed
+# benchmark run, per compute capability major and regime ("train": grad_weight too, "frozen":
+# a LoRA head); chunked where nothing was measured.
+AUTO_TABLE = Path(__file__).with_name("auto_impl.json")
+
+
+@functools.cache
+def measured_impls() -> dict:
+    """The contents of :data:`AUTO_TABLE`: ``{"9": {"train": impl, "frozen": impl, ...}}``."""
+    return json.loads(AUTO_TABLE.read_text()) if AUTO_TABLE.exists() else {}
+
+
+def auto_impl(device: torch.device, frozen: bool) -> str:
+    """What ``impl="auto"`` runs on the CUDA ``device`` for a trained or ``frozen`` head."""
+    entry = measured_impls().get(str(torch.cuda.get_device_capability(device)[0]), {})
+    impl = entry.get("frozen" if frozen else "train", "chunked")
+    return impl if impl in ("chunked", *RECOMPUTE_IMPLS) else "chunked"
+
+
 # Default chunk: its logits about the size of `hidden` (N * H elements), but at least this many
 # rows, so the grad_weight GEMM (K = chunk rows) is not starved on large vocabularies.
 MIN_CHUNK_ROWS = 256
@@ -351,8 +373,10 @@ def fused_linear_tofu_loss(
             rows come from one GEMM over all tokens, no accumulator), ``"fused"`` (the
             projection inside Triton too: logits only in registers, O(N) saved floats,
             recomputed in backward), ``"torch"`` (the chunked algorithm, TOFU in PyTorch) or
-            ``"auto"``: chunked for GPU tensors and under ``TRITON_INTERPRET=1``, torch for CPU
-            tensors.
+            ``"auto"``: on a GPU, the impl a committed benchmark run measured fastest on its
+            compute capability (``tofu_kernels/auto_impl.json``; chunked where none was, and
+            whenever ``chunk_size``, ``drop_ignored`` or another ``accum_dtype`` is given);
+            chunked under ``TRITON_INTERPRET=1``, torch for CPU tensors.
         accum_dtype: dtype of the ``grad_weight``/``grad_bias`` accumulator; None accumulates
             ``grad_weight`` in the weight's dtype: no (V, H) fp32 buffer, Liger's (chunked: one
             rounding per chunk) and CCE's (fused: atomics into the gradient, one rounding per
@@ -441,6 +465,17 @@ def fused_linear_tofu_loss(
             )
         impl = "fused" if impl == "auto" else impl
         vocab_offset, vocab = shard_layout(weight.shape[0], process_group)
+    if (
+        impl == "auto"
+        and hidden.device.type == "cuda"
+        and hidden.dtype in KERNEL_DTYPES
+        and chunk_size is None  # options of the token-chunked algorithm keep it
+        and not drop_ignored
+        and accum_dtype in (None, torch.float32)
+    ):
+        impl = auto_impl(
+            hidden.device, frozen=not (torch.is_grad_enabled() and weight.requires_grad)
+        )
     if impl in ("chunked", *RECOMPUTE_IMPLS):
         if hidden.dtype not in KERNEL_DTYPES:
             raise TypeError(f"impl={impl!r} takes {KERNEL_DTYPES} inputs, got {hidden.dtype}")
