@@ -27,7 +27,8 @@ def record_auto(rows: list[dict], source: str, table: Path = AUTO_TABLE) -> dict
     if choice is None:
         return None
     entries = json.loads(table.read_text()) if table.exists() else {}
-    entries[str(choice.pop("capability"))] = {**choice, "source": source}
+    key = str(choice.pop("capability"))  # a regime this run did not measure keeps its pick
+    entries[key] = {**entries.get(key, {}), **choice, "source": source}
     table.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
     return entries
 
@@ -44,9 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         print(path)
     if args.auto:
         rows = json.loads((args.src / "results.json").read_text())
-        source = next((p.name for p in published if p.suffix == ".json"), "results.json")
-        entries = record_auto(rows, f"bench/results/{source}")
-        print(f"{AUTO_TABLE}: {entries}" if entries else "--auto: no GPU rows to choose from")
+        source = next(p for p in published if p.suffix == ".json").resolve()
+        root = AUTO_TABLE.parent.parent
+        entries = record_auto(
+            rows, str(source.relative_to(root) if source.is_relative_to(root) else source)
+        )
+        print(
+            f"{AUTO_TABLE}: {entries}"
+            if entries
+            else "--auto: nothing to record (a CPU run, a run without its GPU's capability, "
+            "or no ok tofu_kernels/chunked rows)"
+        )
     return 0
 
 

@@ -48,7 +48,7 @@ def _describe(row: dict) -> str:
     )
 
 
-# What impl="auto" may pick: the exact impls, with their default options.
+# What impl="auto" may pick: the impls, with their default options.
 AUTO_CANDIDATES = ("chunked", "vocab_chunked", "fused")
 
 

@@ -351,7 +351,9 @@ def environment() -> dict:
             "cut_cross_entropy": package_version("cut-cross-entropy"),
             "interpreter": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
             # the key of impl="auto"'s measured picks (bench/publish.py --auto)
-            "capability": torch.cuda.get_device_capability()[0] if DEVICE == "cuda" else None,
+            "capability": (
+                "{}.{}".format(*torch.cuda.get_device_capability()) if DEVICE == "cuda" else None
+            ),
         },
     }
 

@@ -236,7 +236,7 @@ def test_auto_choice_and_its_record(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     report = importlib.import_module("report")
     publish = importlib.import_module("publish")
-    gpu = {"device": "NVIDIA H100 80GB HBM3", "versions": {"capability": 9}}
+    gpu = {"device": "NVIDIA H100 80GB HBM3", "versions": {"capability": "9.0"}}
 
     def row(impl, case, ms, weight_grad=True, status="ok", loss="tofu", mode="fwd_bwd"):
         return dict(gpu, provider=f"tofu_kernels/{impl}", case=case, tokens=8192, ms=ms,
@@ -252,25 +252,43 @@ def test_auto_choice_and_its_record(monkeypatch, tmp_path):
         row("vocab_chunked", "lora", 4.0, weight_grad=False),
     ]  # fmt: skip
     assert report.auto_choice(rows) == {
-        "capability": 9, "device": gpu["device"], "train": "chunked", "frozen": "vocab_chunked"
+        "capability": "9.0", "device": gpu["device"], "train": "chunked", "frozen": "vocab_chunked"
     }  # fmt: skip
     rows.append(row("vocab_chunked", "b", 11.0))  # a later row of the same case wins: 19 < 20
     assert report.auto_choice(rows)["train"] == "vocab_chunked"
     assert report.auto_choice([dict(r, versions={"capability": None}) for r in rows]) is None
 
     table = tmp_path / "auto_impl.json"
-    table.write_text(json.dumps({"8": {"train": "chunked"}}))
-    publish.record_auto(rows, "bench/results/x.json", table)
+    table.write_text(json.dumps({"8.0": {"train": "chunked"}, "9.0": {"frozen": "fused"}}))
+    lora = [r for r in rows if r["case"] != "lora"]  # this run measured no frozen head
+    publish.record_auto(lora, "bench/results/x.json", table)
     entries = json.loads(table.read_text())
-    assert entries["8"] == {"train": "chunked"}
-    assert entries["9"]["train"] == "vocab_chunked" and entries["9"]["frozen"] == "vocab_chunked"
+    assert entries["8.0"] == {"train": "chunked"}
+    assert entries["9.0"]["train"] == "vocab_chunked" and entries["9.0"]["frozen"] == "fused"
+    entries["9.0"]["frozen"] = "vocab_chunked"
 
     from tofu_kernels import linear_tofu
 
-    monkeypatch.setattr(linear_tofu, "measured_impls", lambda: entries)
+    # compiled code bakes the pick in: no read of the table's file, no graph break
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+    def pick(x):
+        impl = linear_tofu.auto_impl(torch.device("cuda"), frozen=False)
+        return x * 2 if impl == linear_tofu.auto_impl(torch.device("cuda"), False) else x
+
+    assert torch.compile(pick, fullgraph=True, backend="eager")(torch.ones(2)).tolist() == [2, 2]
+
+    monkeypatch.setattr(linear_tofu, "measured_impls", lambda: entries)
     assert linear_tofu.auto_impl(torch.device("cuda"), frozen=False) == "vocab_chunked"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert linear_tofu.auto_impl(torch.device("cuda"), frozen=True) == "chunked"  # none measured
-    entries["8"]["train"] = "bogus"
+    entries["8.0"]["train"] = "bogus"
     assert linear_tofu.auto_impl(torch.device("cuda"), frozen=False) == "chunked"
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    entries["8.0"]["train"] = "fused"  # measured on 8.0 only: 8.6 has less shared memory
+    assert linear_tofu.auto_impl(torch.device("cuda"), frozen=False) == "chunked"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert linear_tofu.auto_impl(torch.device("cuda"), frozen=False) == "fused"
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert linear_tofu.auto_impl(torch.device("cuda"), frozen=False) == "chunked"  # no atomics

@@ -145,8 +145,8 @@ def test_auto_follows_the_measured_table(monkeypatch):
     and the token-chunked impl when an option of that impl is given."""
     from tofu_kernels import fused_tofu, linear_tofu
 
-    major = str(torch.cuda.get_device_capability()[0])
-    table = {major: {"train": "vocab_chunked", "frozen": "fused"}}
+    capability = "{}.{}".format(*torch.cuda.get_device_capability())
+    table = {capability: {"train": "vocab_chunked", "frozen": "fused"}}
     monkeypatch.setattr(linear_tofu, "measured_impls", lambda: table)
     seen = []
     real = fused_tofu.recompute_partials

@@ -52,7 +52,7 @@ from torch import nn
 
 from tofu_kernels.linear_tofu import RECOMPUTE_IMPLS, fused_linear_tofu_loss
 from tofu_kernels.tofu import tofu_loss
-from tofu_kernels.utils import TOFUParams, TOFUStats
+from tofu_kernels.utils import KERNEL_DTYPES, TOFUParams, TOFUStats
 
 __all__ = [
     "HEAD_SPECS",
@@ -340,7 +340,7 @@ class _FusedHead:
                     "own FSDP2 unit: its backward reads the weight, and the detached logits "
                     "give FSDP2 no hook to gather it again; use impl='chunked' or no logits"
                 )
-            if impl == "auto" and hidden.is_cuda:
+            if impl == "auto" and hidden.is_cuda and hidden.dtype in KERNEL_DTYPES:
                 impl = "chunked"  # what auto measured fastest may be a recompute impl
         self.loss, self.stats = fused_linear_tofu_loss(
             hidden,

@@ -46,21 +46,27 @@ LINEAR_IMPLS = ("auto", "chunked", "vocab_chunked", "fused", "torch")
 # impls that save O(N) per-row terms and compute the gradients in backward
 RECOMPUTE_IMPLS = ("vocab_chunked", "fused")
 # impl="auto" on a GPU: the impl that `bench/publish.py --auto` found fastest in a committed
-# benchmark run, per compute capability major and regime ("train": grad_weight too, "frozen":
-# a LoRA head); chunked where nothing was measured.
+# benchmark run (bf16), per compute capability ("9.0") and regime ("train": grad_weight too,
+# "frozen": a LoRA head); chunked where nothing was measured.
 AUTO_TABLE = Path(__file__).with_name("auto_impl.json")
 
 
 @functools.cache
 def measured_impls() -> dict:
-    """The contents of :data:`AUTO_TABLE`: ``{"9": {"train": impl, "frozen": impl, ...}}``."""
+    """The contents of :data:`AUTO_TABLE`: ``{"9.0": {"train": impl, "frozen": impl, ...}}``."""
     return json.loads(AUTO_TABLE.read_text()) if AUTO_TABLE.exists() else {}
 
 
+@torch.compiler.assume_constant_result  # a compiled graph bakes the pick in, reads no file
 def auto_impl(device: torch.device, frozen: bool) -> str:
-    """What ``impl="auto"`` runs on the CUDA ``device`` for a trained or ``frozen`` head."""
-    entry = measured_impls().get(str(torch.cuda.get_device_capability(device)[0]), {})
+    """What ``impl="auto"`` runs on the CUDA ``device`` for a trained or ``frozen`` head: the
+    measured pick for its exact compute capability (the fused kernels' shared memory differs
+    within a major), never ``fused`` (atomics) under ``torch.use_deterministic_algorithms``."""
+    major, minor = torch.cuda.get_device_capability(device)
+    entry = measured_impls().get(f"{major}.{minor}", {})
     impl = entry.get("frozen" if frozen else "train", "chunked")
+    if impl == "fused" and torch.are_deterministic_algorithms_enabled():
+        return "chunked"
     return impl if impl in ("chunked", *RECOMPUTE_IMPLS) else "chunked"
 
 
@@ -373,10 +379,12 @@ def fused_linear_tofu_loss(
             rows come from one GEMM over all tokens, no accumulator), ``"fused"`` (the
             projection inside Triton too: logits only in registers, O(N) saved floats,
             recomputed in backward), ``"torch"`` (the chunked algorithm, TOFU in PyTorch) or
-            ``"auto"``: on a GPU, the impl a committed benchmark run measured fastest on its
-            compute capability (``tofu_kernels/auto_impl.json``; chunked where none was, and
-            whenever ``chunk_size``, ``drop_ignored`` or another ``accum_dtype`` is given);
-            chunked under ``TRITON_INTERPRET=1``, torch for CPU tensors.
+            ``"auto"``: on a GPU, the impl a committed benchmark run (bf16) measured fastest on
+            its compute capability for a trained or frozen head (``tofu_kernels/
+            auto_impl.json``; chunked where none was, whenever ``chunk_size``,
+            ``drop_ignored`` or an ``accum_dtype`` other than fp32 is given, and for fp64; not
+            fused under ``torch.use_deterministic_algorithms``); chunked under
+            ``TRITON_INTERPRET=1``, torch for CPU tensors.
         accum_dtype: dtype of the ``grad_weight``/``grad_bias`` accumulator; None accumulates
             ``grad_weight`` in the weight's dtype: no (V, H) fp32 buffer, Liger's (chunked: one
             rounding per chunk) and CCE's (fused: atomics into the gradient, one rounding per
@@ -470,8 +478,8 @@ def fused_linear_tofu_loss(
         and hidden.device.type == "cuda"
         and hidden.dtype in KERNEL_DTYPES
         and chunk_size is None  # options of the token-chunked algorithm keep it
-        and not drop_ignored
-        and accum_dtype in (None, torch.float32)
+        and drop_ignored is None
+        and accum_dtype == torch.float32  # as measured
     ):
         impl = auto_impl(
             hidden.device, frozen=not (torch.is_grad_enabled() and weight.requires_grad)
