@@ -22,9 +22,10 @@ from triton.compiler import ASTSource
 
 from tofu_kernels import tofu
 
-TARGETS = (GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32))
-# Shared memory a block may use (A100: 163 KiB, H100: 227 KiB); a launch beyond it fails.
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+TARGETS = (GPUTarget("cuda", 80, 32), GPUTarget("cuda", 86, 32), GPUTarget("cuda", 90, 32))
+# Shared memory a block may use (A100: 163 KiB, A10/L4/RTX: 99 KiB, H100: 227 KiB); a launch
+# beyond it fails.
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}
 # At a launch, Triton specializes every pointer and integer argument that is a multiple of 16 as
 # such; only with that does it vectorize the tile loads and pipeline the K loops (cp.async/TMA).
 # These integer arguments are multiples of 16 at LLM shapes (H 4096, V 128256, N 8192), so each
@@ -73,9 +74,9 @@ def kernel_specs():
                 yield name, tofu._tofu_fwd_kernel, signature, constexprs, options
 
 
-def fused_kernel_specs(major: int):
-    """The fully fused LM-head kernels with the launch configs of compute capability ``major``,
-    in each dtype with and without bias/softcap/gradients."""
+def fused_kernel_specs(capability: tuple[int, int]):
+    """The fully fused LM-head kernels with the launch configs of ``capability``, in each dtype
+    with and without bias/softcap/gradients."""
     from tofu_kernels import fused_tofu
 
     def split(config):  # (constexprs, compile options)
@@ -87,10 +88,10 @@ def fused_kernel_specs(major: int):
     # every dtype with every feature on; the lighter variants in bf16 only (compiles are slow)
     for ty, extras in (("*fp32", True), ("*bf16", True), ("*fp16", True), ("*bf16", False)):
         fwd_cfg, fwd_opts = split(
-            fused_tofu.fused_config(fused_tofu.FWD_CONFIGS, major, dtypes[ty])
+            fused_tofu.fused_config(fused_tofu.FWD_CONFIGS, capability, dtypes[ty])
         )
         bwd_cfg, bwd_opts = split(
-            fused_tofu.fused_config(fused_tofu.BWD_CONFIGS, major, dtypes[ty])
+            fused_tofu.fused_config(fused_tofu.BWD_CONFIGS, capability, dtypes[ty])
         )
         flags = {"HAS_BIAS": extras, "HAS_SOFTCAP": extras, "UPCAST": False}
         flags["IEEE"] = ty == "*fp32"
@@ -161,15 +162,15 @@ def vocab_chunked_specs():
             yield label, kernel, signature, {"HAS_SOFTCAP": softcap, **blocks}, options
 
 
-def all_specs(major: int):
-    return [*kernel_specs(), *fused_kernel_specs(major), *vocab_chunked_specs()]
+def all_specs(capability: tuple[int, int]):
+    return [*kernel_specs(), *fused_kernel_specs(capability), *vocab_chunked_specs()]
 
 
 def compile_one(job: tuple[int, int, bool]) -> tuple[str, str | None]:
     """Compile spec number ``job[0]`` for target number ``job[1]``, aligned or not (``job[2]``):
     (a resource line: registers, spilled bytes, shared memory; the error text or None)."""
     target = TARGETS[job[1]]
-    name, fn, signature, constexprs, options = all_specs(target.arch // 10)[job[0]]
+    name, fn, signature, constexprs, options = all_specs(divmod(target.arch, 10))[job[0]]
     aligned = job[2]
     attrs = {
         (i,): [["tt.divisibility", 16]]
@@ -204,7 +205,7 @@ def main() -> int:
     os.environ.update(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1")
     jobs = [
         (i, t, aligned)
-        for i in range(len(all_specs(9)))
+        for i in range(len(all_specs((9, 0))))
         for t in range(len(TARGETS))
         for aligned in (True, False)
     ]

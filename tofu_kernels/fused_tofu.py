@@ -53,6 +53,9 @@ BWD_CONFIGS = {
     9: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=16, num_warps=8, num_stages=3),
     8: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=16, num_warps=8, num_stages=3),
 }
+# A (major, minor) key overrides its major: 8.6 and 8.9 (A10, A40, L4, L40S, RTX 30/40) give a
+# block at most 99 KiB of shared memory, the A100 163; sm_80's backward takes 128 KiB.
+BWD_CONFIGS[(8, 6)] = BWD_CONFIGS[(8, 9)] = {**BWD_CONFIGS[8], "num_stages": 2, "BLOCK_K_FP32": 16}
 FWD_CONFIG, BWD_CONFIG = FWD_CONFIGS[9], BWD_CONFIGS[9]  # elsewhere (and the interpreter)
 # Opt-in autotuning (TOFU_AUTOTUNE=1): these candidates are timed once per (H, V, dtypes).
 TUNE_FWD = [
@@ -376,12 +379,15 @@ def _n_splits(n_blocks: int, units: int, device: torch.device) -> int:
     return max(1, min(units, triton.cdiv(2 * sms, max(n_blocks, 1))))
 
 
-def fused_config(table: dict, major: int, dtype: torch.dtype) -> dict:
-    """The table's launch config for compute capability ``major``; fp32 tiles are twice the bytes
-    of bf16/fp16 ones, so they take half the BLOCK_K (shared memory: 208 KiB > A100's 163)."""
-    cfg = dict(table.get(major, table[9] if major > 9 else table[8]))
+def fused_config(table: dict, capability: tuple[int, int], dtype: torch.dtype) -> dict:
+    """The table's launch config for ``capability`` (an exact (major, minor) key, else its
+    major's); fp32 tiles are twice the bytes of bf16/fp16 ones, so they take half the BLOCK_K
+    (shared memory: 208 KiB > A100's 163), or the entry's ``BLOCK_K_FP32``."""
+    major = tuple(capability)[0]
+    cfg = dict(table.get(tuple(capability), table.get(major, table[9] if major > 9 else table[8])))
+    block_k_fp32 = cfg.pop("BLOCK_K_FP32", cfg["BLOCK_K"] // 2)
     if dtype == torch.float32:
-        cfg["BLOCK_K"] //= 2
+        cfg["BLOCK_K"] = block_k_fp32
     return cfg
 
 
@@ -428,8 +434,8 @@ def _launcher(kernel, table: dict, candidates: list, x: torch.Tensor, reset: tup
     if autotuning():
         configs = tuple(tuple(sorted(c.items())) for c in candidates)
         return _tuned(kernel, configs, reset), {}
-    major = torch.cuda.get_device_capability(x.device)[0] if x.device.type == "cuda" else 9
-    return kernel, fused_config(table, major, x.dtype)
+    capability = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else (9, 0)
+    return kernel, fused_config(table, capability, x.dtype)
 
 
 def fused_tofu_partials(
