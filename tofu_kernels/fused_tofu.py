@@ -53,9 +53,12 @@ BWD_CONFIGS = {
     9: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=16, num_warps=8, num_stages=3),
     8: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=16, num_warps=8, num_stages=3),
 }
-# A (major, minor) key overrides its major: 8.6 and 8.9 (A10, A40, L4, L40S, RTX 30/40) give a
-# block at most 99 KiB of shared memory, the A100 163; sm_80's backward takes 128 KiB.
-BWD_CONFIGS[(8, 6)] = BWD_CONFIGS[(8, 9)] = {**BWD_CONFIGS[8], "num_stages": 2, "BLOCK_K_FP32": 16}
+# A (major, minor) key overrides its major: 8.6, 8.9 and 12.0 (A10, A40, L4, L40S, RTX 30/40/50)
+# give a block at most 99 KiB of shared memory, the A100 163; the 3-stage backward takes 128 KiB.
+_SMALL_SHARED_BWD = {**BWD_CONFIGS[8], "num_stages": 2, "BLOCK_K_FP32": 16}
+BWD_CONFIGS.update(
+    {(8, 6): _SMALL_SHARED_BWD, (8, 9): _SMALL_SHARED_BWD, (12, 0): _SMALL_SHARED_BWD}
+)
 FWD_CONFIG, BWD_CONFIG = FWD_CONFIGS[9], BWD_CONFIGS[9]  # elsewhere (and the interpreter)
 # Opt-in autotuning (TOFU_AUTOTUNE=1): these candidates are timed once per (H, V, dtypes).
 TUNE_FWD = [
