@@ -63,10 +63,10 @@ def auto_choice(rows: list[dict]) -> dict | None:
     for regime, weight_grad in (("train", True), ("frozen", False)):
         times: dict[str, dict] = {impl: {} for impl in AUTO_CANDIDATES}
         for r in rows:
-            impl = r["provider"].removeprefix("tofu_kernels/")
+            provider, _, impl = r["provider"].partition("/")
             if (
-                impl in times
-                and r["provider"] != impl
+                provider == "tofu_kernels"
+                and impl in times
                 and r["loss"] == "tofu"
                 and r["mode"] == "fwd_bwd"
                 and r["weight_grad"] == weight_grad
