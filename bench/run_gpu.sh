@@ -76,7 +76,7 @@ main() {
     local tests_rc=0
     if [ "$TESTS" = 1 ]; then
         echo "== GPU tests (pytest -m gpu)"
-        timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider
+        timeout 150 python3 -m pytest -v --tb=short -m gpu -p no:cacheprovider
         tests_rc=$?
         echo "== GPU tests: exit code $tests_rc after $((SECONDS - start)) s"
     fi
