@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -457,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--publish", type=Path, default=None, help="also copy as <card>-<date>.*")
     parser.add_argument("--providers", default=None, help="comma-separated names to run (debug)")
+    parser.add_argument("--cases", default=None, help="comma-separated case names to run")
     parser.add_argument(
         "--report-only", action="store_true", help="rebuild tables and plots from results.json"
     )
@@ -472,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.providers:
             wanted = set(args.providers.split(","))
             providers = [p for p in providers if p.name in wanted]
+        if args.cases:
+            wanted = set(args.cases.split(","))
+            preset = replace(preset, cases=tuple(c for c in preset.cases if c.name in wanted))
         args.out.mkdir(parents=True, exist_ok=True)
         rows = run(preset, providers, args.budget_s, args.out)
         write_json(rows, args.out)

@@ -36,6 +36,7 @@ from tofu_kernels.utils import (
     half_range,
     headroom,
     interpreting,
+    mm_fp32,
     pow2_near,
     reduce_loss,
     reduction_scale,
@@ -178,8 +179,10 @@ def linear_tofu_fwd(
             z, labels[s:e], tofu.gamma, tofu.beta, tofu.ignore_index, tofu.softcap, any_grad,
             z, scale,
         )  # fmt: skip
-        if g_hidden is not None:
+        if g_hidden is not None and dtype == torch.float32:
             torch.mm(g, weight, out=g_hidden[s:e])
+        elif g_hidden is not None:  # a sum over the vocabulary that cancels: fp32 throughout
+            g_hidden[s:e] = mm_fp32(g, weight)
         if g_weight is not None:
             accumulate(g_weight, g.t(), x, alpha)
         if g_bias is not None:

@@ -1,0 +1,112 @@
+"""Time the impls' default-setting knobs side by side at one case, to choose the defaults
+(chunk sizes, grad_weight accumulation, the fused forward's launch config) by measurement.
+
+    python bench/sweep.py [--case llama3-8b --tokens 8192] [--only SUBSTRING] [--out DIR]
+
+Each variant is a ``fused_linear_tofu_loss`` call (TOFU, gamma 3, beta 0.8) with its options,
+measured by ``bench/run.py``'s harness (loss checked against float64, peak memory above the
+inputs, ``do_bench`` median): one table row each, and ``DIR/sweep.json``. On CPU (``--smoke``)
+it runs at a tiny shape through the interpreter, where the timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as harness  # noqa: E402 (sets TRITON_INTERPRET first where there is no GPU)
+from providers import Provider, _tofu_kernels  # noqa: E402
+
+from tofu_kernels import fused_tofu  # noqa: E402
+
+# (name, impl, options, fused forward config or None): the defaults first, as the baseline.
+FUSED_FWD_WIDE = dict(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, GROUP_N=32, num_warps=8, num_stages=3)
+VARIANTS = [
+    ("chunked", "chunked", {}, None),
+    *[(f"chunked-c{c}", "chunked", {"chunk_size": c}, None) for c in (1024, 2048, 4096)],
+    *[
+        (f"chunked-bf16acc-c{c}", "chunked", {"chunk_size": c, "accum_dtype": None}, None)
+        for c in (1024, 2048, 4096)
+    ],
+    ("vocab_chunked", "vocab_chunked", {}, None),
+    *[(f"vocab_chunked-c{c}", "vocab_chunked", {"chunk_size": c}, None) for c in (8192, 16384)],
+    ("fused", "fused", {}, None),
+    ("fused-fwd64x256", "fused", {}, FUSED_FWD_WIDE),
+    ("fused-bf16acc-fwd64x256", "fused", {"accum_dtype": None}, FUSED_FWD_WIDE),
+]
+
+
+@contextlib.contextmanager
+def fwd_config(config: dict | None) -> Iterator[None]:
+    """The fused forward's launch config for this GPU's major, restored afterwards."""
+    if config is None:
+        yield
+        return
+    saved = dict(fused_tofu.FWD_CONFIGS)
+    major = harness.torch.cuda.get_device_capability()[0] if harness.DEVICE == "cuda" else 9
+    fused_tofu.FWD_CONFIGS[major] = config
+    try:
+        yield
+    finally:
+        fused_tofu.FWD_CONFIGS.clear()
+        fused_tofu.FWD_CONFIGS.update(saved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--case", default="llama3-8b", help="a case name of the h100 preset")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--only", default="", help="run the variants whose name contains this")
+    parser.add_argument("--smoke", action="store_true", help="CPU: a tiny shape, interpreted")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    preset = harness.PRESETS["smoke" if args.smoke else "h100"]
+    if args.smoke:
+        case = preset.cases[0]
+    else:
+        if harness.DEVICE == "cpu":
+            parser.error("the h100 cases need a CUDA device (use --smoke on CPU)")
+        case = next(c for c in preset.cases if (c.name, c.tokens) == (args.case, args.tokens))
+    inputs = harness.make_inputs(case, preset.rotate)
+    ref = harness.reference_losses(inputs)["tofu"]
+    rows = []
+    for name, impl, options, config in VARIANTS:
+        if args.only not in name:
+            continue
+        provider = Provider(name, ("tofu",), _tofu_kernels(impl, **options))
+        start = time.monotonic()
+        with fwd_config(config):
+            row = harness.measure(provider, case, "tofu", inputs, ref, preset)
+        row.update(wall_s=time.monotonic() - start, variant=name, impl=impl)
+        row["options"] = {k: str(v) for k, v in options.items()}
+        rows.append(row)
+        print(harness._progress(dict(row, case=case.name, tokens=case.tokens, provider=name,
+                                     loss="tofu")), flush=True)  # fmt: skip
+    env = harness.environment()
+    lines = [
+        f"{env['device']}, torch {env['torch']}, triton {env['triton']}: {case.name}, "
+        f"{case.tokens} tokens, TOFU fwd+bwd",
+        "",
+        "| variant | ms | p20 | p80 | peak MB | status |",
+        "|---|--:|--:|--:|--:|---|",
+    ]
+    for r in rows:
+        num = [f"{r[k]:.2f}" if r[k] is not None else "" for k in ("ms", "ms_p20", "ms_p80")]
+        mem = f"{r['peak_mem_mb']:,.0f}" if r["peak_mem_mb"] is not None else ""
+        lines.append(f"| {r['variant']} | {' | '.join(num)} | {mem} | {r['status']} |")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sweep.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
