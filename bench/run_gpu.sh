@@ -76,7 +76,8 @@ main() {
     local tests_rc=0
     if [ "$TESTS" = 1 ]; then
         echo "== GPU tests (pytest -m gpu)"
-        timeout 150 python3 -m pytest -v --tb=short -m gpu -p no:cacheprovider
+        # test_gpu.py alone: collecting the whole suite imports transformers and the rest
+        timeout 150 python3 -m pytest -v --tb=short -m gpu -p no:cacheprovider tests/test_gpu.py
         tests_rc=$?
         echo "== GPU tests: exit code $tests_rc after $((SECONDS - start)) s"
     fi

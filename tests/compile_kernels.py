@@ -115,12 +115,13 @@ def fused_kernel_specs(capability: tuple[int, int]):
             signature = {
                 "x_ptr": ty, "w_ptr": ty, "b_ptr": ty, "labels_ptr": "*i64",
                 "rowterm_ptr": "*fp32", "scale_ptr": "*fp32", "wmax_ptr": "*fp32",
-                "gx_ptr": "*fp32", "gw_ptr": gw_ty, "gb_ptr": "*fp32",
+                "gx_ptr": "*fp32", "gw_ptr": gw_ty, "gb_ptr": "*fp32", "rs_ptr": "*fp32",
                 "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i64", "stride_wv": "i64",
                 "stride_rt": "i32", "stride_scale": "i32", "beta": "fp32", "softcap": "fp32",
                 "ignore_index": "i32", "filter_eps": "fp32", "gw_gain": "fp32",
             }  # fmt: skip
             gflags = dict(zip(("GRAD_X", "GRAD_W", "GRAD_B"), grads, strict=True))
+            gflags["ROW_SUMS"] = grads[0] and ty != "*fp32" and not extras  # no softcap
             signature.update({k: "constexpr" for k in (*flags, *gflags, *bwd_cfg)})
             name = f"fused_bwd[{ty} bias/softcap={extras} grads={grads} gw={gw_ty}]"
             constexprs = {**flags, **gflags, **bwd_cfg}

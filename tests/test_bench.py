@@ -229,6 +229,35 @@ def test_tune_fused_smoke(tmp_path):
     assert "| bwd |" in (tmp_path / "tune.md").read_text()
 
 
+def test_sweep_smoke(tmp_path):
+    """bench/sweep.py end to end on CPU: a row per variant, each loss checked against float64
+    (timings are not asserted); the fused forward's config is restored after its variants."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "sweep.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    names = [r["variant"] for r in rows]
+    assert names[0] == "chunked" and "fused-fwd64x256" in names and len(names) == len(set(names))
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), rows
+    assert "| chunked-c2048 |" in proc.stdout
+
+
+def test_cases_option_runs_only_those(tmp_path):
+    """run.py --cases A --providers P: the rows of those alone (to finish a run cut short)."""
+    out = tmp_path / "out"
+    argv = ["--preset", "smoke", "--cases", "tiny/fwd", "--providers", "tofu_kernels/chunked"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), *argv, "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((out / "results.json").read_text())
+    assert {(r["case"], r["provider"]) for r in rows} == {("tiny/fwd", "tofu_kernels/chunked")}
+    assert all(r["status"] == "ok" for r in rows)
+
+
 def test_auto_choice_and_its_record(monkeypatch, tmp_path):
     """impl="auto"'s picks come from a GPU run's rows: per regime the least total time over the
     cases chunked ran; a candidate that failed any of them is out; a CPU run picks nothing.

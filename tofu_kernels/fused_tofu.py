@@ -34,11 +34,14 @@ from tofu_kernels.utils import (
     pow2_near,
     reduce_loss,
     reduction_scale,
+    remove_row_sums,
 )
 
 # Launch configs by compute capability major (9: Hopper, 8: Ampere/Ada), as triton.Config
-# kwargs. NOT yet timed on a GPU: chosen by tile arithmetic (the backward's 128-row blocks halve
-# grad_weight's atomics); `bench/tune_fused.py` times the candidates below on a card.
+# kwargs. sm_90's are the fastest of the candidates below that `bench/tune_fused.py` timed on an
+# H100 (Llama-3-8B head, 8192 tokens, bf16; bench/results/h100-80gb-hbm3-20261127-tune.md):
+# forward 64x256 tiles 20.5 ms against 31.2 for 64x128; backward 128x128 118 ms, the best
+# (fp32 grad_weight). sm_80's are not timed yet: chosen by tile arithmetic.
 # Programs run in groups of GROUP_N token blocks (GROUP_ROWS tokens, token blocks fastest within
 # a group): the programs in flight then share a 16 MB slice of hidden (H 4096, bf16) and a few
 # vocabulary tiles, which stay in L2, instead of streaming all of hidden from memory once per
@@ -46,7 +49,7 @@ from tofu_kernels.utils import (
 # 16 grad_hidden and ~16 grad_weight blocks instead of piling them on one.
 GROUP_ROWS = 2048
 FWD_CONFIGS = {
-    9: dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, GROUP_N=32, num_warps=8, num_stages=3),
+    9: dict(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, GROUP_N=32, num_warps=8, num_stages=3),
     8: dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, GROUP_N=32, num_warps=8, num_stages=3),
 }
 BWD_CONFIGS = {
@@ -54,11 +57,13 @@ BWD_CONFIGS = {
     8: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=16, num_warps=8, num_stages=3),
 }
 # A (major, minor) key overrides its major: 8.6, 8.9 and 12.0 (A10, A40, L4, L40S, RTX 30/40/50)
-# give a block at most 99 KiB of shared memory, the A100 163; the 3-stage backward takes 128 KiB.
+# give a block at most 99 KiB of shared memory, the A100 163; the 3-stage backward takes 128 KiB,
+# sm_90's forward 120 KiB (12.0 would otherwise take sm_90's configs).
 _SMALL_SHARED_BWD = {**BWD_CONFIGS[8], "num_stages": 2, "BLOCK_K_FP32": 16}
 BWD_CONFIGS.update(
     {(8, 6): _SMALL_SHARED_BWD, (8, 9): _SMALL_SHARED_BWD, (12, 0): _SMALL_SHARED_BWD}
 )
+FWD_CONFIGS[(12, 0)] = FWD_CONFIGS[8]
 FWD_CONFIG, BWD_CONFIG = FWD_CONFIGS[9], BWD_CONFIGS[9]  # elsewhere (and the interpreter)
 # Opt-in autotuning (TOFU_AUTOTUNE=1): these candidates are timed once per (H, V, dtypes).
 TUNE_FWD = [
@@ -296,8 +301,10 @@ def _fused_merge_kernel(
 def _fused_bwd_kernel(
     # pointers: hidden, weight, bias, labels; per-row terms (4, N); grad scale (1 or N);
     # the batch's largest row weight (1,); gradient accumulators: fp32 (N, H), fp32 or the
-    # weight's dtype (V, H), fp32 (V,); all contiguous
+    # weight's dtype (V, H), fp32 (V,); the rounded gradient's row sums, fp32 (N,); all
+    # contiguous
     x_ptr, w_ptr, b_ptr, labels_ptr, rowterm_ptr, scale_ptr, wmax_ptr, gx_ptr, gw_ptr, gb_ptr,
+    rs_ptr,
     # sizes and strides
     N, V, H, stride_xn, stride_wv, stride_rt, stride_scale,
     # TOFU parameters, filtering threshold (0 keeps everything that is not exactly 0), the factor
@@ -305,8 +312,9 @@ def _fused_bwd_kernel(
     beta, softcap, ignore_index, filter_eps, gw_gain,
     # meta
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GRAD_X: tl.constexpr,
-    GRAD_W: tl.constexpr, GRAD_B: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    GRAD_W: tl.constexpr, GRAD_B: tl.constexpr, ROW_SUMS: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_v = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -346,6 +354,9 @@ def _fused_bwd_kernel(
             dz_in = dz.to(x_ptr.dtype.element_ty)
             if UPCAST:
                 dz_in = dz_in.to(tl.float32)
+            if ROW_SUMS:  # what grad_hidden's tiles sum, for remove_row_sums
+                rs = tl.sum(dz_in.to(tl.float32), axis=1)
+                tl.atomic_add(rs_ptr + rows, rs, mask=row_mask, sem="relaxed")
             ks = tl.arange(0, BLOCK_K)
             for k in range(0, H, BLOCK_K):
                 k_mask = (k + ks) < H
@@ -559,13 +570,15 @@ def fused_tofu_bwd(
     needs: tuple[bool, bool, bool],
     filter_eps: float | None = None,
     accum_fp32: bool = True,
+    whole_rows: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum_t grad_scale[t] * loss[t]`` (``grad_scale`` fp32, 1 or N elements) for
     (hidden, weight, bias) where ``needs`` says so. ``filter_eps``: None picks the default (on
     for half precision, exact zeros only for fp32); 0 disables filtering. ``accum_fp32``: sum
     ``grad_weight`` in an fp32 (V, H) buffer and cast once, or add straight into a gradient of
     the weight's dtype (no buffer; one rounding per token block). ``grad_hidden`` always sums in
-    fp32, one token slab of at most ``GX_SLAB_ELEMS`` elements at a time."""
+    fp32, one token slab of at most ``GX_SLAB_ELEMS`` elements at a time. ``whole_rows``: False
+    for a vocabulary shard, whose rows of the gradient do not sum to 0."""
     n, h = hidden.shape
     vocab = weight.shape[0]
     dev, f32 = hidden.device, torch.float32
@@ -583,8 +596,11 @@ def fused_tofu_bwd(
         grad_scale, wmax, norm = normalized_grad_scale(rowterms, grad_scale, hidden.dtype)
         gain = rows_gain(n, w_acc)
         kernel, cfg = _launcher(
-            _fused_bwd_kernel, BWD_CONFIGS, TUNE_BWD, hidden, ("gx_ptr", "gw_ptr", "gb_ptr")
-        )
+            _fused_bwd_kernel, BWD_CONFIGS, TUNE_BWD, hidden,
+            ("gx_ptr", "gw_ptr", "gb_ptr", "rs_ptr"),
+        )  # fmt: skip
+        # half-precision tiles break grad_hidden's cancellation along a shared weight direction
+        row_sums = needs[0] and hidden.dtype != f32 and params.softcap is None and whole_rows
         slab = n
         if needs[0] and hidden.dtype != f32:  # grad_hidden sums in an fp32 slab, then is cast
             slab = max(ROW_ALIGN, GX_SLAB_ELEMS // h // ROW_ALIGN * ROW_ALIGN)
@@ -601,18 +617,21 @@ def fused_tofu_bwd(
                     if hidden.dtype == f32
                     else hidden.new_zeros(e - s, h, dtype=f32)
                 )
+            rs = hidden.new_zeros(e - s, dtype=f32) if row_sums else dummy
             kernel[_grid(e - s, vocab)](
                 hidden[s:e], weight, bias if bias is not None else weight, labels[s:e],
                 rowterms[:, s:e], grad_scale[s:e] if row_scale else grad_scale, wmax, gx_acc,
-                gw if gw is not None else dummy, gb if gb is not None else dummy,
+                gw if gw is not None else dummy, gb if gb is not None else dummy, rs,
                 e - s, vocab, h, hidden.stride(0), weight.stride(0), rowterms.stride(0),
                 int(row_scale), params.beta,
                 params.softcap if params.softcap is not None else 1.0, params.ignore_index,
                 float(filter_eps), gain,
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None,
-                GRAD_X=needs[0], GRAD_W=needs[1], GRAD_B=needs[2], **_dot_flags(hidden.dtype),
-                **cfg,
+                GRAD_X=needs[0], GRAD_W=needs[1], GRAD_B=needs[2], ROW_SUMS=row_sums,
+                **_dot_flags(hidden.dtype), **cfg,
             )  # fmt: skip
+            if row_sums:
+                remove_row_sums(gx_acc, rs, weight, labels[s:e])
             if needs[0]:
                 gx_acc.mul_(norm)
                 if hidden.dtype != f32:  # fp32 grad_hidden was summed in place
@@ -691,26 +710,30 @@ def fused_bwd_op(
     accum_fp32: bool,
     impl: str,
     chunk_size: int | None,
+    whole_rows: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward of ``impl`` as an opaque op; gradients not asked for come back empty."""
+    """The backward of ``impl`` as an opaque op; gradients not asked for come back empty.
+    ``whole_rows``: the weight holds every column of a row (no vocabulary shard), so the
+    gradient's rows sum to 0 (:func:`~tofu_kernels.utils.remove_row_sums`)."""
     params = TOFUParams(gamma, beta, ignore_index, "sum", softcap)
     if impl == "vocab_chunked":
         from tofu_kernels.vocab_chunked import vocab_chunked_bwd
 
         grads = vocab_chunked_bwd(
-            hidden, weight, labels, bias, rowterms, grad_scale, params, tuple(needs), chunk_size
-        )
+            hidden, weight, labels, bias, rowterms, grad_scale, params, tuple(needs), chunk_size,
+            whole_rows,
+        )  # fmt: skip
     else:
         grads = fused_tofu_bwd(
             hidden, weight, labels, bias, rowterms, grad_scale, params, tuple(needs),
-            filter_eps, accum_fp32,
+            filter_eps, accum_fp32, whole_rows,
         )  # fmt: skip
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @fused_bwd_op.register_fake
 def _(hidden, weight, labels, bias, rowterms, grad_scale, gamma, beta, ignore_index, softcap,
-      needs, filter_eps, accum_fp32, impl, chunk_size):  # fmt: skip
+      needs, filter_eps, accum_fp32, impl, chunk_size, whole_rows):  # fmt: skip
     empty = hidden.new_empty(0)
     return (
         torch.empty_like(hidden) if needs[0] else empty,
@@ -827,7 +850,7 @@ class FusedTOFUFunction(torch.autograd.Function):
         grads = fused_bwd_op(
             x, w, y, bias, rowterms, grad_scale, t.gamma, t.beta, t.ignore_index, t.softcap,
             list(ctx.needs), ctx.params.filter_eps, ctx.params.accum_fp32, ctx.params.impl,
-            ctx.params.chunk_size,
+            ctx.params.chunk_size, ctx.params.process_group is None,
         )  # fmt: skip
         gx, gw, gb = (g if need else None for g, need in zip(grads, ctx.needs, strict=True))
         if gx is not None:

@@ -40,6 +40,7 @@ from tofu_kernels.utils import (
     pow2_near,
     reduce_loss,
     reduction_scale,
+    remove_row_sums,
     use_triton,
 )
 
@@ -74,6 +75,12 @@ def auto_impl(device: torch.device, frozen: bool) -> str:
 # Default chunk: its logits about the size of `hidden` (N * H elements), but at least this many
 # rows, so the grad_weight GEMM (K = chunk rows) is not starved on large vocabularies.
 MIN_CHUNK_ROWS = 256
+# ...and, where grad_weight is accumulated, at least this many rows per 4 bytes of accumulator:
+# every chunk reads and writes the (V, H) accumulator once (8 V H bytes in fp32) against its
+# GEMMs' 6 rows V H flops, about a tenth of their time at 2048 rows on an H100. Measured there
+# at the Llama-3-8B head, 8192 tokens, bf16: 262-row chunks 101 ms, 2048 rows 45 ms (fp32);
+# 67 and 45 ms at 262 and 1024 rows with a bf16 accumulator (bench/results/*-sweep.md).
+ACCUM_CHUNK_ROWS = 2048
 
 
 @dataclass(frozen=True)
@@ -86,9 +93,13 @@ class LinearTOFUParams:
     drop_ignored: bool = False
 
 
-def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk so that the chunk's logits hold about as many elements as ``hidden``."""
-    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, math.ceil(n_rows * hidden / vocab))))
+def default_chunk_size(n_rows: int, hidden: int, vocab: int, accum_bytes: int = 0) -> int:
+    """Rows per chunk: the chunk's logits about as many elements as ``hidden``, and at least
+    ``ACCUM_CHUNK_ROWS * accum_bytes / 4`` rows where a ``grad_weight`` accumulator of
+    ``accum_bytes`` per entry is read and written once per chunk (0: none)."""
+    rows = max(MIN_CHUNK_ROWS, math.ceil(n_rows * hidden / vocab))
+    rows = max(rows, ACCUM_CHUNK_ROWS * accum_bytes // 4)
+    return max(1, min(n_rows, rows))
 
 
 def linear_tofu_fwd(
@@ -162,7 +173,8 @@ def linear_tofu_fwd(
     )
     g_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_grad_bias else None
 
-    chunk = params.chunk_size or default_chunk_size(m, h, vocab)
+    acc_bytes = acc_dtype.itemsize if need_grad_weight else 0
+    chunk = params.chunk_size or default_chunk_size(m, h, vocab, acc_bytes)
     buffer = torch.empty((min(chunk, m), vocab), dtype=dtype, device=device)
     loss_m = torch.empty(m, dtype=out_dtype, device=device)
     stats_m = torch.empty(4, m, dtype=out_dtype, device=device)
@@ -182,7 +194,10 @@ def linear_tofu_fwd(
         if g_hidden is not None and dtype == torch.float32:
             torch.mm(g, weight, out=g_hidden[s:e])
         elif g_hidden is not None:  # a sum over the vocabulary that cancels: fp32 throughout
-            g_hidden[s:e] = mm_fp32(g, weight)
+            gh = mm_fp32(g, weight)
+            if tofu.softcap is None:
+                remove_row_sums(gh, g.sum(1, dtype=torch.float32), weight, labels[s:e])
+            g_hidden[s:e] = gh
         if g_weight is not None:
             accumulate(g_weight, g.t(), x, alpha)
         if g_bias is not None:
@@ -373,8 +388,10 @@ def fused_linear_tofu_loss(
         labels: ``(...)`` class ids in ``[0, V)`` or ``ignore_index`` (no shift is applied).
         bias: optional ``(V,)``.
         chunk_size: tokens per chunk; default: the chunk's logits about the size of ``hidden``
-            (at least ``MIN_CHUNK_ROWS`` rows). Smaller chunks save memory, but the
-            ``grad_weight`` GEMM (inner dimension = chunk) becomes memory-bound. For
+            (at least ``MIN_CHUNK_ROWS`` rows), and at least 2048 rows (1024 with a 2-byte
+            accumulator) where ``grad_weight`` is accumulated. Smaller chunks save memory, but
+            each reads and writes the ``(V, H)`` accumulator once, and the ``grad_weight`` GEMM
+            (inner dimension = chunk) becomes memory-bound. For
             ``impl="vocab_chunked"``: vocabulary columns per chunk (default H, at least 2048).
         impl: ``"chunked"`` (cuBLAS GEMMs + the Triton TOFU kernel, over chunks of tokens,
             gradients made in forward), ``"vocab_chunked"`` (the same over chunks of vocabulary

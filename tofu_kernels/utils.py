@@ -74,11 +74,27 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` of half-precision ``a, b`` in fp32, summed in fp32 throughout: a product written
     in half precision lets cuBLAS add its split-K partial sums in half precision (torch's default
     ``allow_{fp16,bf16}_reduced_precision_reduction``), which loses the digits of a sum that
-    cancels, such as a logit gradient's row times the weight (measured on an H100: 0.5% of the
-    largest fp16 grad_hidden entry)."""
+    cancels, such as a logit gradient's row times the weight."""
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()  # no out_dtype on CPU
+
+
+def remove_row_sums(
+    acc: torch.Tensor, row_sums: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+) -> None:
+    """``acc -= row_sums[:, None] * weight[labels]``: ``acc`` (N, H) fp32 is ``grad @ weight`` of
+    a logits' gradient stored in half precision, ``row_sums`` (N,) fp32 that gradient's row sums.
+    A softmax gradient's row sums to 0, so ``grad @ weight`` is ``sum_v grad_v (w_v - w_y)`` and
+    a direction that all weight rows share cancels; the rounded target entry (the row's largest,
+    about 2^-11 off in fp16, 2^-8 in bf16) breaks that, and trained heads' rows do share one.
+    Subtracting the rounded row's sum along ``w_y`` restores the cancellation (no softcap: its
+    chain rule makes the row sum nonzero). Rows of ``ignore_index`` have zero gradient rows."""
+    idx = labels.clamp(0, weight.shape[0] - 1)
+    step = 2048  # rows at a time: a (step, H) gather of the weight, not (N, H)
+    for s in range(0, acc.shape[0], step):
+        wy = weight.index_select(0, idx[s : s + step])
+        acc[s : s + step].addcmul_(row_sums[s : s + step, None], wy, value=-1)
 
 
 def pow2_near(x: torch.Tensor) -> torch.Tensor:
