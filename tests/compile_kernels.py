@@ -49,6 +49,7 @@ def kernel_specs():
                     "stats_ptr": "*fp32",
                     "grad_ptr": logits_ty,
                     "grad_scale_ptr": "*fp32",
+                    "err_ptr": "*fp32",
                     "stride_logits": "i64",
                     "stride_grad": "i64",
                     "stride_stats": "i32",
@@ -61,12 +62,14 @@ def kernel_specs():
                     "HAS_SOFTCAP": "constexpr",
                     "COMPUTE_GRAD": "constexpr",
                     "HAS_GRAD_SCALE": "constexpr",
+                    "HAS_ERR": "constexpr",
                     "BLOCK_V": "constexpr",
                 }
                 constexprs = {
                     "HAS_SOFTCAP": softcap,
                     "COMPUTE_GRAD": grad,
                     "HAS_GRAD_SCALE": grad,
+                    "HAS_ERR": grad and logits_ty != "*fp32",
                     "BLOCK_V": 4096,
                 }
                 name = f"tofu_fwd[{logits_ty} softcap={softcap} grad={grad}]"
@@ -115,13 +118,13 @@ def fused_kernel_specs(capability: tuple[int, int]):
             signature = {
                 "x_ptr": ty, "w_ptr": ty, "b_ptr": ty, "labels_ptr": "*i64",
                 "rowterm_ptr": "*fp32", "scale_ptr": "*fp32", "wmax_ptr": "*fp32",
-                "gx_ptr": "*fp32", "gw_ptr": gw_ty, "gb_ptr": "*fp32", "rs_ptr": "*fp32",
+                "gx_ptr": "*fp32", "gw_ptr": gw_ty, "gb_ptr": "*fp32", "err_ptr": "*fp32",
                 "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i64", "stride_wv": "i64",
                 "stride_rt": "i32", "stride_scale": "i32", "beta": "fp32", "softcap": "fp32",
                 "ignore_index": "i32", "filter_eps": "fp32", "gw_gain": "fp32",
             }  # fmt: skip
             gflags = dict(zip(("GRAD_X", "GRAD_W", "GRAD_B"), grads, strict=True))
-            gflags["ROW_SUMS"] = grads[0] and ty != "*fp32" and not extras  # no softcap
+            gflags["ROW_ERR"] = grads[0] and ty != "*fp32"
             signature.update({k: "constexpr" for k in (*flags, *gflags, *bwd_cfg)})
             name = f"fused_bwd[{ty} bias/softcap={extras} grads={grads} gw={gw_ty}]"
             constexprs = {**flags, **gflags, **bwd_cfg}
@@ -152,15 +155,18 @@ def vocab_chunked_specs():
             else:
                 signature = {
                     "z_ptr": ty, "labels_ptr": "*i64", "rowterm_ptr": "*fp32",
-                    "scale_ptr": "*fp32", "N": "i32", "C": "i32", "col0": "i32",
+                    "scale_ptr": "*fp32", "err_ptr": "*fp32", "N": "i32", "C": "i32", "col0": "i32",
                     "stride_zn": "i64", "stride_rt": "i32", "stride_scale": "i32",
                 }  # fmt: skip
             signature.update(beta="fp32", softcap="fp32", ignore_index="i32")
             blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
-            signature.update({k: "constexpr" for k in ("HAS_SOFTCAP", *blocks)})
+            flags = {"HAS_SOFTCAP": softcap}
+            if name == "grad":
+                flags["HAS_ERR"] = ty != "*fp32"
+            signature.update({k: "constexpr" for k in (*flags, *blocks)})
             options = {"num_warps": cfg["num_warps"]}
             label = f"vocab_chunked_{name}[{ty} softcap={softcap}]"
-            yield label, kernel, signature, {"HAS_SOFTCAP": softcap, **blocks}, options
+            yield label, kernel, signature, {**flags, **blocks}, options
 
 
 def all_specs(capability: tuple[int, int]):

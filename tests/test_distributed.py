@@ -59,6 +59,7 @@ def _worker(rank: int, world: int, init_file: str) -> None:
             assert rel_err(part[2], full[2][lo:hi]) < 1e-5, (rank, i, "grad_weight shard")
             if b is not None:
                 assert rel_err(part[3].grad, full[3].grad[lo:hi]) < 1e-5, (rank, i, "grad_bias")
+        _half_precision_shards(rank, world)
         dist.barrier()  # both ranks done before either tears gloo down (an abort at exit else)
     finally:
         dist.destroy_process_group()
@@ -66,6 +67,29 @@ def _worker(rank: int, world: int, init_file: str) -> None:
     # passed aborted there (SIGABRT/SIGBUS in a C++ thread of gloo or OpenMP), failing the test.
     sys.stdout.flush()
     os._exit(0)
+
+
+def _half_precision_shards(rank: int, world: int) -> None:
+    """fp16 shards against the float64 oracle: each shard moves its rows' rounding errors onto
+    its own targets' weight rows (utils.cancel_rounding), and none onto a row for a target held
+    by another shard. The weight rows share a strong direction, which turns misplaced errors
+    into grad_hidden error."""
+    from helpers import LINEAR_GRAD_RTOL, linear_oracle, random_labels, rel_err
+
+    torch.manual_seed(100)
+    n, vocab, h = 64, 301, 32
+    x = (torch.randn(n, h) * 0.3 / h**0.5).half()
+    w = (torch.randn(vocab, h) * 0.1 + 4.0 * torch.randn(1, h)).half()
+    y = random_labels((n,), vocab, "cpu", ignored=0.3)
+    go = torch.tensor(2.0**16)
+    _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, grad_output=go)
+    shards = torch.tensor_split(torch.arange(vocab), world)[rank]
+    lo, hi = int(shards[0]), int(shards[-1]) + 1
+    for impl in ("fused", "vocab_chunked"):
+        part = _run(x, w[lo:hi], None, y, go, impl=impl, process_group=dist.group.WORLD)
+        tol = LINEAR_GRAD_RTOL[torch.float16]
+        assert rel_err(part[1], gx) < tol, (rank, impl, "fp16 grad_hidden", rel_err(part[1], gx))
+        assert rel_err(part[2], gw[lo:hi]) < tol, (rank, impl, "fp16 grad_weight shard")
 
 
 @pytest.mark.parametrize("world", [2, 3])

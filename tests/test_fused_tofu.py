@@ -225,6 +225,22 @@ def test_split_count_for_an_empty_batch(monkeypatch):
     assert fused_mod._n_splits(32, 501, torch.device("cuda")) == 9
 
 
+def test_launch_config_per_capability():
+    """An exact (major, minor) key, else the major's entry: 99 KiB cards (8.6, 8.9, every 12.x)
+    take the small-shared-memory configs (tests/compile_kernels.py checks they fit)."""
+    bf16 = torch.bfloat16
+    small_fwd = fused_mod.fused_config(fused_mod.FWD_CONFIGS, (8, 0), bf16)
+    small_bwd = fused_mod.fused_config(fused_mod.BWD_CONFIGS, (8, 6), bf16)
+    for capability in [(8, 6), (8, 9), (12, 0), (12, 1)]:
+        assert fused_mod.fused_config(fused_mod.FWD_CONFIGS, capability, bf16) == small_fwd
+        assert fused_mod.fused_config(fused_mod.BWD_CONFIGS, capability, bf16) == small_bwd
+    assert small_bwd["num_stages"] == 2
+    hopper = fused_mod.fused_config(fused_mod.FWD_CONFIGS, (9, 0), bf16)
+    assert hopper["BLOCK_V"] == 256  # the fastest timed on an H100
+    assert fused_mod.fused_config(fused_mod.FWD_CONFIGS, (10, 0), bf16) == hopper
+    assert fused_mod.fused_config(fused_mod.BWD_CONFIGS, (8, 6), torch.float32)["BLOCK_K"] == 16
+
+
 @pytest.mark.parametrize("group_n", [1, 2])
 def test_grouped_program_order(device, monkeypatch, group_n):
     """Groups of 1 and 2 token blocks over 2.3 blocks (a short last group), with 2 splits in

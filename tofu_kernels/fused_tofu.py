@@ -27,6 +27,7 @@ import triton.language as tl
 from tofu_kernels.tofu import _cap, tofu_row_terms
 from tofu_kernels.utils import (
     TOFUParams,
+    cancel_rounding,
     check_backward,
     half_range,
     headroom,
@@ -34,7 +35,6 @@ from tofu_kernels.utils import (
     pow2_near,
     reduce_loss,
     reduction_scale,
-    remove_row_sums,
 )
 
 # Launch configs by compute capability major (9: Hopper, 8: Ampere/Ada), as triton.Config
@@ -56,14 +56,12 @@ BWD_CONFIGS = {
     9: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=16, num_warps=8, num_stages=3),
     8: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=16, num_warps=8, num_stages=3),
 }
-# A (major, minor) key overrides its major: 8.6, 8.9 and 12.0 (A10, A40, L4, L40S, RTX 30/40/50)
-# give a block at most 99 KiB of shared memory, the A100 163; the 3-stage backward takes 128 KiB,
-# sm_90's forward 120 KiB (12.0 would otherwise take sm_90's configs).
+# A (major, minor) key overrides its major: 8.6, 8.9 and 12.x (A10, A40, L4, L40S, RTX 30/40/50,
+# GB10) give a block at most 99 KiB of shared memory, the A100 163; the 3-stage backward takes
+# 128 KiB, sm_90's forward 120 KiB (12.x would otherwise take sm_90's configs).
 _SMALL_SHARED_BWD = {**BWD_CONFIGS[8], "num_stages": 2, "BLOCK_K_FP32": 16}
-BWD_CONFIGS.update(
-    {(8, 6): _SMALL_SHARED_BWD, (8, 9): _SMALL_SHARED_BWD, (12, 0): _SMALL_SHARED_BWD}
-)
-FWD_CONFIGS[(12, 0)] = FWD_CONFIGS[8]
+BWD_CONFIGS.update({(8, 6): _SMALL_SHARED_BWD, (8, 9): _SMALL_SHARED_BWD, 12: _SMALL_SHARED_BWD})
+FWD_CONFIGS[12] = FWD_CONFIGS[8]
 FWD_CONFIG, BWD_CONFIG = FWD_CONFIGS[9], BWD_CONFIGS[9]  # elsewhere (and the interpreter)
 # Opt-in autotuning (TOFU_AUTOTUNE=1): these candidates are timed once per (H, V, dtypes).
 TUNE_FWD = [
@@ -301,10 +299,10 @@ def _fused_merge_kernel(
 def _fused_bwd_kernel(
     # pointers: hidden, weight, bias, labels; per-row terms (4, N); grad scale (1 or N);
     # the batch's largest row weight (1,); gradient accumulators: fp32 (N, H), fp32 or the
-    # weight's dtype (V, H), fp32 (V,); the rounded gradient's row sums, fp32 (N,); all
-    # contiguous
+    # weight's dtype (V, H), fp32 (V,); the rows' sums of the rounding errors of the tiles that
+    # grad_hidden sums, fp32 (N,); all contiguous
     x_ptr, w_ptr, b_ptr, labels_ptr, rowterm_ptr, scale_ptr, wmax_ptr, gx_ptr, gw_ptr, gb_ptr,
-    rs_ptr,
+    err_ptr,
     # sizes and strides
     N, V, H, stride_xn, stride_wv, stride_rt, stride_scale,
     # TOFU parameters, filtering threshold (0 keeps everything that is not exactly 0), the factor
@@ -312,7 +310,7 @@ def _fused_bwd_kernel(
     beta, softcap, ignore_index, filter_eps, gw_gain,
     # meta
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GRAD_X: tl.constexpr,
-    GRAD_W: tl.constexpr, GRAD_B: tl.constexpr, ROW_SUMS: tl.constexpr, UPCAST: tl.constexpr,
+    GRAD_W: tl.constexpr, GRAD_B: tl.constexpr, ROW_ERR: tl.constexpr, UPCAST: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):  # fmt: skip
@@ -354,9 +352,9 @@ def _fused_bwd_kernel(
             dz_in = dz.to(x_ptr.dtype.element_ty)
             if UPCAST:
                 dz_in = dz_in.to(tl.float32)
-            if ROW_SUMS:  # what grad_hidden's tiles sum, for remove_row_sums
-                rs = tl.sum(dz_in.to(tl.float32), axis=1)
-                tl.atomic_add(rs_ptr + rows, rs, mask=row_mask, sem="relaxed")
+            if ROW_ERR:  # for cancel_rounding
+                err = tl.sum(dz_in.to(tl.float32) - dz, axis=1)
+                tl.atomic_add(err_ptr + rows, err, mask=row_mask, sem="relaxed")
             ks = tl.arange(0, BLOCK_K)
             for k in range(0, H, BLOCK_K):
                 k_mask = (k + ks) < H
@@ -570,15 +568,15 @@ def fused_tofu_bwd(
     needs: tuple[bool, bool, bool],
     filter_eps: float | None = None,
     accum_fp32: bool = True,
-    whole_rows: bool = True,
+    gx_fp32: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum_t grad_scale[t] * loss[t]`` (``grad_scale`` fp32, 1 or N elements) for
     (hidden, weight, bias) where ``needs`` says so. ``filter_eps``: None picks the default (on
     for half precision, exact zeros only for fp32); 0 disables filtering. ``accum_fp32``: sum
     ``grad_weight`` in an fp32 (V, H) buffer and cast once, or add straight into a gradient of
     the weight's dtype (no buffer; one rounding per token block). ``grad_hidden`` always sums in
-    fp32, one token slab of at most ``GX_SLAB_ELEMS`` elements at a time. ``whole_rows``: False
-    for a vocabulary shard, whose rows of the gradient do not sum to 0."""
+    fp32, one token slab of at most ``GX_SLAB_ELEMS`` elements at a time, and is returned in
+    fp32 with ``gx_fp32`` (a vocabulary shard's share, summed over ranks before rounding)."""
     n, h = hidden.shape
     vocab = weight.shape[0]
     dev, f32 = hidden.device, torch.float32
@@ -589,7 +587,8 @@ def fused_tofu_bwd(
     w_acc = weight.dtype
     if accum_fp32 or (interpreting() and w_acc == torch.bfloat16):
         w_acc = f32
-    gx = torch.empty(n, h, dtype=hidden.dtype, device=dev) if needs[0] else None
+    gx_dtype = f32 if gx_fp32 else hidden.dtype
+    gx = torch.empty(n, h, dtype=gx_dtype, device=dev) if needs[0] else None
     gw = torch.zeros(vocab, h, dtype=w_acc, device=dev) if needs[1] else None
     gb = torch.zeros(vocab, dtype=f32, device=dev) if needs[2] else None
     if n and any(needs):
@@ -597,12 +596,12 @@ def fused_tofu_bwd(
         gain = rows_gain(n, w_acc)
         kernel, cfg = _launcher(
             _fused_bwd_kernel, BWD_CONFIGS, TUNE_BWD, hidden,
-            ("gx_ptr", "gw_ptr", "gb_ptr", "rs_ptr"),
+            ("gx_ptr", "gw_ptr", "gb_ptr", "err_ptr"),
         )  # fmt: skip
-        # half-precision tiles break grad_hidden's cancellation along a shared weight direction
-        row_sums = needs[0] and hidden.dtype != f32 and params.softcap is None and whole_rows
+        # grad_hidden's rounding errors, moved onto the targets' weight rows (cancel_rounding)
+        row_err = needs[0] and hidden.dtype in (torch.float16, torch.bfloat16)
         slab = n
-        if needs[0] and hidden.dtype != f32:  # grad_hidden sums in an fp32 slab, then is cast
+        if needs[0] and gx_dtype != f32:  # grad_hidden sums in an fp32 slab, then is cast
             slab = max(ROW_ALIGN, GX_SLAB_ELEMS // h // ROW_ALIGN * ROW_ALIGN)
         row_scale = grad_scale.numel() > 1
         # gradients not asked for point at a scratch word of their own: autotuning zeroes
@@ -613,28 +612,26 @@ def fused_tofu_bwd(
             gx_acc = dummy
             if needs[0]:
                 gx_acc = (
-                    gx[s:e].zero_()
-                    if hidden.dtype == f32
-                    else hidden.new_zeros(e - s, h, dtype=f32)
+                    gx[s:e].zero_() if gx_dtype == f32 else hidden.new_zeros(e - s, h, dtype=f32)
                 )
-            rs = hidden.new_zeros(e - s, dtype=f32) if row_sums else dummy
+            err = hidden.new_zeros(e - s, dtype=f32) if row_err else dummy
             kernel[_grid(e - s, vocab)](
                 hidden[s:e], weight, bias if bias is not None else weight, labels[s:e],
                 rowterms[:, s:e], grad_scale[s:e] if row_scale else grad_scale, wmax, gx_acc,
-                gw if gw is not None else dummy, gb if gb is not None else dummy, rs,
+                gw if gw is not None else dummy, gb if gb is not None else dummy, err,
                 e - s, vocab, h, hidden.stride(0), weight.stride(0), rowterms.stride(0),
                 int(row_scale), params.beta,
                 params.softcap if params.softcap is not None else 1.0, params.ignore_index,
                 float(filter_eps), gain,
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None,
-                GRAD_X=needs[0], GRAD_W=needs[1], GRAD_B=needs[2], ROW_SUMS=row_sums,
+                GRAD_X=needs[0], GRAD_W=needs[1], GRAD_B=needs[2], ROW_ERR=row_err,
                 **_dot_flags(hidden.dtype), **cfg,
             )  # fmt: skip
-            if row_sums:
-                remove_row_sums(gx_acc, rs, weight, labels[s:e])
+            if row_err:
+                cancel_rounding(gx_acc, err, weight, labels[s:e])
             if needs[0]:
                 gx_acc.mul_(norm)
-                if hidden.dtype != f32:  # fp32 grad_hidden was summed in place
+                if gx_dtype != f32:  # fp32 grad_hidden was summed in place
                     gx[s:e] = gx_acc
         if gw is not None:
             gw.mul_(norm / gain)
@@ -710,33 +707,33 @@ def fused_bwd_op(
     accum_fp32: bool,
     impl: str,
     chunk_size: int | None,
-    whole_rows: bool,
+    gx_fp32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward of ``impl`` as an opaque op; gradients not asked for come back empty.
-    ``whole_rows``: the weight holds every column of a row (no vocabulary shard), so the
-    gradient's rows sum to 0 (:func:`~tofu_kernels.utils.remove_row_sums`)."""
+    """The backward of ``impl`` as an opaque op; gradients not asked for come back empty;
+    ``grad_hidden`` in fp32 with ``gx_fp32``."""
     params = TOFUParams(gamma, beta, ignore_index, "sum", softcap)
     if impl == "vocab_chunked":
         from tofu_kernels.vocab_chunked import vocab_chunked_bwd
 
         grads = vocab_chunked_bwd(
             hidden, weight, labels, bias, rowterms, grad_scale, params, tuple(needs), chunk_size,
-            whole_rows,
+            gx_fp32,
         )  # fmt: skip
     else:
         grads = fused_tofu_bwd(
             hidden, weight, labels, bias, rowterms, grad_scale, params, tuple(needs),
-            filter_eps, accum_fp32, whole_rows,
+            filter_eps, accum_fp32, gx_fp32,
         )  # fmt: skip
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @fused_bwd_op.register_fake
 def _(hidden, weight, labels, bias, rowterms, grad_scale, gamma, beta, ignore_index, softcap,
-      needs, filter_eps, accum_fp32, impl, chunk_size, whole_rows):  # fmt: skip
+      needs, filter_eps, accum_fp32, impl, chunk_size, gx_fp32):  # fmt: skip
     empty = hidden.new_empty(0)
+    gx_dtype = torch.float32 if gx_fp32 else hidden.dtype
     return (
-        torch.empty_like(hidden) if needs[0] else empty,
+        torch.empty_like(hidden, dtype=gx_dtype) if needs[0] else empty,
         torch.empty_like(weight) if needs[1] else empty,
         torch.empty_like(bias) if needs[2] and bias is not None else empty,
     )
@@ -847,14 +844,16 @@ class FusedTOFUFunction(torch.autograd.Function):
         if scale is not None:
             grad_scale = grad_scale * scale
         t = ctx.params.tofu
+        sharded = ctx.params.process_group is not None
         grads = fused_bwd_op(
             x, w, y, bias, rowterms, grad_scale, t.gamma, t.beta, t.ignore_index, t.softcap,
             list(ctx.needs), ctx.params.filter_eps, ctx.params.accum_fp32, ctx.params.impl,
-            ctx.params.chunk_size, ctx.params.process_group is None,
+            ctx.params.chunk_size, sharded,
         )  # fmt: skip
         gx, gw, gb = (g if need else None for g, need in zip(grads, ctx.needs, strict=True))
         if gx is not None:
-            if ctx.params.process_group is not None:
-                dist.all_reduce(gx, group=ctx.params.process_group)  # every shard's share
+            if sharded:  # every shard's share, in fp32: the shares' shared directions cancel
+                dist.all_reduce(gx, group=ctx.params.process_group)
+                gx = gx.to(x.dtype)
             gx = gx.view(ctx.hidden_shape)
         return gx, gw, gb, None, None, None, None

@@ -28,6 +28,7 @@ from tofu_kernels.utils import (
     TOFUParams,
     TOFUStats,
     accumulate,
+    cancel_rounding,
     check_backward,
     check_label_range,
     check_labels,
@@ -40,7 +41,6 @@ from tofu_kernels.utils import (
     pow2_near,
     reduce_loss,
     reduction_scale,
-    remove_row_sums,
     use_triton,
 )
 
@@ -173,11 +173,16 @@ def linear_tofu_fwd(
     )
     g_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_grad_bias else None
 
-    acc_bytes = acc_dtype.itemsize if need_grad_weight else 0
+    # (a GPU's rule: a CPU's GEMMs are slow enough that the accumulator pass costs little)
+    acc_bytes = acc_dtype.itemsize if need_grad_weight and device.type == "cuda" else 0
     chunk = params.chunk_size or default_chunk_size(m, h, vocab, acc_bytes)
     buffer = torch.empty((min(chunk, m), vocab), dtype=dtype, device=device)
     loss_m = torch.empty(m, dtype=out_dtype, device=device)
     stats_m = torch.empty(4, m, dtype=out_dtype, device=device)
+    # grad_hidden sums a half-precision gradient over the vocabulary: in fp32, with its rows'
+    # rounding errors moved onto their targets' weight rows (utils.cancel_rounding)
+    half = dtype in (torch.float16, torch.bfloat16)
+    err = torch.empty(m, dtype=torch.float32, device=device) if half and need_grad_hidden else None
     for s in range(0, m, chunk):
         e = min(m, s + chunk)
         x = hidden[s:e]
@@ -189,14 +194,13 @@ def linear_tofu_fwd(
         scale = grad_scale if grad_scale is None or grad_scale.numel() == 1 else grad_scale[s:e]
         loss_m[s:e], stats_m[:, s:e], g = rows_fwd(
             z, labels[s:e], tofu.gamma, tofu.beta, tofu.ignore_index, tofu.softcap, any_grad,
-            z, scale,
+            z, scale, grad_err=err[s:e] if err is not None else None,
         )  # fmt: skip
-        if g_hidden is not None and dtype == torch.float32:
+        if g_hidden is not None and err is None:
             torch.mm(g, weight, out=g_hidden[s:e])
-        elif g_hidden is not None:  # a sum over the vocabulary that cancels: fp32 throughout
+        elif g_hidden is not None:
             gh = mm_fp32(g, weight)
-            if tofu.softcap is None:
-                remove_row_sums(gh, g.sum(1, dtype=torch.float32), weight, labels[s:e])
+            cancel_rounding(gh, err[s:e], weight, labels[s:e])
             g_hidden[s:e] = gh
         if g_weight is not None:
             accumulate(g_weight, g.t(), x, alpha)

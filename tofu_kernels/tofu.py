@@ -79,13 +79,15 @@ def tofu_row_terms(s1x, sbx, zy_m, gamma, beta):
 @triton.jit
 def _tofu_fwd_kernel(
     # pointers: logits (N, V) read, labels (N,), per-row loss (N,) and stats (4, N), grad (N, V),
-    # optional fp32 factor for the gradient rows (one per row, or one for all with stride 0)
+    # optional fp32 factor for the gradient rows (one per row, or one for all with stride 0),
+    # optional fp32 (N,) sums of the stored gradient rows' rounding errors
     logits_ptr,
     labels_ptr,
     loss_ptr,
     stats_ptr,
     grad_ptr,
     grad_scale_ptr,
+    err_ptr,
     # strides in elements (rows of logits and grad may be padded; grad may alias logits)
     stride_logits,
     stride_grad,
@@ -102,6 +104,7 @@ def _tofu_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
+    HAS_ERR: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -165,6 +168,7 @@ def _tofu_fwd_kernel(
         coef = g / sb
         target = tl.where(row_ok, -g * (sbx / sb), 0.0)
         g_row = grad_ptr + row * stride_grad
+        err = zero
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             mask = offs < V
@@ -175,7 +179,12 @@ def _tofu_fwd_kernel(
             if HAS_SOFTCAP:
                 zc = z / softcap
                 dz = dz * (1.0 - zc * zc)
-            tl.store(g_row + offs, dz.to(grad_ptr.dtype.element_ty), mask=mask)
+            stored = dz.to(grad_ptr.dtype.element_ty)
+            tl.store(g_row + offs, stored, mask=mask)
+            if HAS_ERR:
+                err += tl.sum(tl.where(mask, stored.to(tl.float32) - dz, 0.0), axis=0)
+        if HAS_ERR:
+            tl.store(err_ptr + row, err)
 
 
 def launch_config(vocab: int) -> tuple[int, int]:
@@ -207,6 +216,7 @@ def tofu_fwd(
     compute_grad: bool = True,
     grad: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
+    grad_err: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token TOFU on ``(N, V)`` logits (unit column stride) with the Triton kernel; no checks.
 
@@ -216,6 +226,8 @@ def tofu_fwd(
     chain rule included) in ``grad``: a given ``(N, V)`` buffer, which may be ``logits`` itself
     (in place), or a new one of the logits' dtype. ``grad_scale``, fp32 with 1 or N elements,
     multiplies the gradient rows (the reduction's scale, or a per-token upstream gradient).
+    ``grad_err``, fp32 ``(N,)``, receives each stored gradient row's sum of rounding errors
+    (stored minus exact; see :func:`~tofu_kernels.utils.cancel_rounding`).
     """
     n, vocab = logits.shape
     if logits.stride(1) != 1:
@@ -233,6 +245,7 @@ def tofu_fwd(
         stats,
         grad if grad is not None else loss,
         grad_scale if grad_scale is not None else loss,
+        grad_err if grad_err is not None else loss,
         logits.stride(0),
         grad.stride(0) if grad is not None else 0,
         stats.stride(0),
@@ -245,6 +258,7 @@ def tofu_fwd(
         HAS_SOFTCAP=softcap is not None,
         COMPUTE_GRAD=grad is not None,
         HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_ERR=grad is not None and grad_err is not None,
         BLOCK_V=block,
         num_warps=num_warps,
     )
@@ -261,6 +275,7 @@ def tofu_fwd_torch(
     compute_grad: bool = True,
     grad: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
+    grad_err: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`tofu_fwd` in plain PyTorch, in row chunks of about ``TORCH_CHUNK_ELEMENTS`` logits.
 
@@ -280,6 +295,8 @@ def tofu_fwd_torch(
             if grad_scale is not None:
                 g = g * (grad_scale[s:e] if grad_scale.numel() > 1 else grad_scale).reshape(-1, 1)
             grad[s:e] = g
+            if grad_err is not None:
+                grad_err[s:e] = (grad[s:e].to(g.dtype) - g).sum(1)
     return loss, stats, grad
 
 

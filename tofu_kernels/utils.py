@@ -80,21 +80,24 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()  # no out_dtype on CPU
 
 
-def remove_row_sums(
-    acc: torch.Tensor, row_sums: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+def cancel_rounding(
+    acc: torch.Tensor, err: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
 ) -> None:
-    """``acc -= row_sums[:, None] * weight[labels]``: ``acc`` (N, H) fp32 is ``grad @ weight`` of
-    a logits' gradient stored in half precision, ``row_sums`` (N,) fp32 that gradient's row sums.
-    A softmax gradient's row sums to 0, so ``grad @ weight`` is ``sum_v grad_v (w_v - w_y)`` and
-    a direction that all weight rows share cancels; the rounded target entry (the row's largest,
-    about 2^-11 off in fp16, 2^-8 in bf16) breaks that, and trained heads' rows do share one.
-    Subtracting the rounded row's sum along ``w_y`` restores the cancellation (no softcap: its
-    chain rule makes the row sum nonzero). Rows of ``ignore_index`` have zero gradient rows."""
-    idx = labels.clamp(0, weight.shape[0] - 1)
+    """``acc -= err[:, None] * weight[labels]`` for labels in ``[0, V)``: ``acc`` (N, H) fp32 is
+    ``grad @ weight`` of a logits' gradient stored in half precision, ``err`` (N,) fp32 the sums
+    of its rows' rounding errors (stored minus exact). A direction that all weight rows share
+    (trained heads' rows do) adds ``err * direction`` to each row of ``acc``, and the target
+    entry, a row's largest, makes most of ``err`` (2^-11 of it in fp16, 2^-8 in bf16): without
+    softcap, a gradient row sums to 0, so that direction should cancel. Moving the error onto
+    ``w_y`` removes it. Other labels (ignored rows have zero rows; a vocabulary shard marks
+    targets elsewhere by ids outside ``[0, V)``) are left as they are."""
+    vocab = weight.shape[0]
+    err = torch.where((labels >= 0) & (labels < vocab), err, 0.0)
+    idx = labels.clamp(0, vocab - 1)
     step = 2048  # rows at a time: a (step, H) gather of the weight, not (N, H)
     for s in range(0, acc.shape[0], step):
         wy = weight.index_select(0, idx[s : s + step])
-        acc[s : s + step].addcmul_(row_sums[s : s + step, None], wy, value=-1)
+        acc[s : s + step].addcmul_(err[s : s + step, None], wy, value=-1)
 
 
 def pow2_near(x: torch.Tensor) -> torch.Tensor:

@@ -31,9 +31,9 @@ from tofu_kernels.tofu import _cap
 from tofu_kernels.utils import (
     TOFUParams,
     accumulate,
+    cancel_rounding,
     half_range,
     mm_fp32,
-    remove_row_sums,
 )
 
 # Launch configs of the two memory-bound kernels over the chunk's logits (not yet timed on a
@@ -86,14 +86,16 @@ def _chunk_partials_kernel(
 @triton.jit
 def _chunk_grad_kernel(
     # pointers: the chunk's logits (N, C), overwritten with their gradient; labels (N,);
-    # per-row terms (4, N) of the merge (row max, g / sb, target column, g); grad scale (1 or N)
-    z_ptr, labels_ptr, rowterm_ptr, scale_ptr,
+    # per-row terms (4, N) of the merge (row max, g / sb, target column, g); grad scale (1 or N);
+    # per column block, the rows' sums of rounding errors (cdiv(C, BLOCK_V), N) (HAS_ERR)
+    z_ptr, labels_ptr, rowterm_ptr, scale_ptr, err_ptr,
     # sizes and strides
     N, C, col0, stride_zn, stride_rt, stride_scale,
     # TOFU parameters
     beta, softcap, ignore_index,
     # meta
-    HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ERR: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     local = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -107,7 +109,11 @@ def _chunk_grad_kernel(
     ptrs = z_ptr + rows.to(tl.int64)[:, None] * stride_zn + local[None, :]
     z = _cap(tl.load(ptrs, mask=mask).to(tl.float32), softcap, HAS_SOFTCAP)
     dz = tofu_dz(z, col0 + local, y, m, coef, target, 1.0 / beta, softcap, HAS_SOFTCAP)
-    tl.store(ptrs, dz.to(z_ptr.dtype.element_ty), mask=mask)
+    stored = dz.to(z_ptr.dtype.element_ty)
+    tl.store(ptrs, stored, mask=mask)
+    if HAS_ERR:  # a store per program, summed after: no atomics, deterministic
+        err = tl.sum(tl.where(mask, stored.to(tl.float32) - dz, 0.0), axis=1)
+        tl.store(err_ptr + tl.program_id(1) * N + rows, err, mask=row_mask)
 
 
 def default_vocab_chunk(hidden: int, vocab: int) -> int:
@@ -172,11 +178,11 @@ def vocab_chunked_bwd(
     params: TOFUParams,
     needs: tuple[bool, bool, bool],
     chunk_size: int | None = None,
-    whole_rows: bool = True,
+    gx_fp32: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum_t grad_scale[t] * loss[t]`` (``grad_scale`` fp32, 1 or N elements)
-    for (hidden, weight, bias) where ``needs`` says so, from the merge's per-row terms.
-    ``whole_rows``: False for a vocabulary shard, whose gradient rows do not sum to 0."""
+    for (hidden, weight, bias) where ``needs`` says so, from the merge's per-row terms;
+    ``grad_hidden`` stays fp32 with ``gx_fp32``."""
     n, h = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -199,39 +205,39 @@ def vocab_chunked_bwd(
         # fixed scale that keeps an N-row sum under 65504, small rows are subnormals or zeros
         # (an H100 run at 8192 tokens found 2% of grad_weight's entries off, some by 100%)
         sum_fp32 = half_range(weight.dtype)
-        # the rounded gradient's row sums, to restore grad_hidden's cancellation (remove_row_sums)
-        row_sums = None
-        if (
-            gx is not None
-            and hidden.dtype != torch.float32
-            and params.softcap is None
-            and whole_rows
-        ):
-            row_sums = torch.zeros(n, dtype=torch.float32, device=dev)
+        # grad_hidden's rounding errors, moved onto the targets' weight rows (cancel_rounding)
+        half = hidden.dtype in (torch.float16, torch.bfloat16)
+        err = torch.zeros(n, dtype=torch.float32, device=dev) if half and gx is not None else None
+        err_blocks = None
+        if err is not None:
+            blocks = triton.cdiv(chunk, cfg["BLOCK_V"])
+            err_blocks = torch.empty(blocks, n, dtype=torch.float32, device=dev)
         for _, c0, z in _chunks(hidden, weight, bias, chunk):
             c = z.shape[1]
             grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(c, cfg["BLOCK_V"]))
             _chunk_grad_kernel[grid](
-                z, labels, rowterms, grad_scale, n, c, c0, z.stride(0), rowterms.stride(0),
-                int(grad_scale.numel() > 1), params.beta, softcap, params.ignore_index,
-                HAS_SOFTCAP=params.softcap is not None, **cfg,
+                z, labels, rowterms, grad_scale, err_blocks if err is not None else rowterms,
+                n, c, c0, z.stride(0), rowterms.stride(0), int(grad_scale.numel() > 1),
+                params.beta, softcap, params.ignore_index,
+                HAS_SOFTCAP=params.softcap is not None, HAS_ERR=err is not None, **cfg,
             )  # fmt: skip
+            if err is not None:
+                err += err_blocks[: grid[1]].sum(0)
             if gw is not None and sum_fp32:
                 torch.mul(mm_fp32(z.t(), hidden), norm, out=gw[c0 : c0 + c])
             elif gw is not None:
                 torch.mm(z.t(), hidden, out=gw[c0 : c0 + c])
             if gx is not None:
                 accumulate(gx, z, weight[c0 : c0 + c])
-            if row_sums is not None:
-                row_sums += z.sum(1, dtype=torch.float32)
             if gb is not None:
                 gb[c0 : c0 + c] = z.sum(0, dtype=torch.float32) * norm
-        if row_sums is not None:
-            remove_row_sums(gx, row_sums, weight, labels)
+        z = None  # the logits buffer goes before grad_hidden's cast, the peak of the backward
+        if err is not None:
+            cancel_rounding(gx, err, weight, labels)
         if gx is not None:
             gx.mul_(norm)
         if gw is not None and not sum_fp32:
             gw.mul_(norm)
-    if gx is not None:
+    if gx is not None and not gx_fp32:
         gx = gx.to(hidden.dtype)
     return gx, gw, gb
