@@ -158,13 +158,13 @@ def all_providers() -> list[Provider]:
         if impl != "auto"
     ]
     # The impls' memory/speed knobs, to choose defaults from measurements: grad_weight
-    # accumulated in bf16 (Liger's default), and chunks 8x the default's rows.
+    # accumulated in bf16 (Liger's default), and chunks twice the GPU default's 2048 rows.
     ours += [
         Provider(
             "tofu_kernels/chunked-bf16acc", ("tofu",), _tofu_kernels("chunked", accum_dtype=None)
         ),
         Provider(
-            "tofu_kernels/chunked-c2048", ("tofu",), _tofu_kernels("chunked", chunk_size=2048)
+            "tofu_kernels/chunked-c4096", ("tofu",), _tofu_kernels("chunked", chunk_size=4096)
         ),
         # the fused impl's grad_weight summed by bf16 atomics into the gradient: CCE's memory
         Provider("tofu_kernels/fused-bf16acc", ("tofu",), _tofu_kernels("fused", accum_dtype=None)),
