@@ -4,7 +4,8 @@ per-architecture defaults (``FWD_CONFIGS`` / ``BWD_CONFIGS`` in ``tofu_kernels/f
     python bench/tune_fused.py [--tokens 8192 --hidden 4096 --vocab 128256] [--budget-s 240]
                                [--out DIR]
 
-Times, with ``triton.testing.do_bench``: the cuBLAS logits GEMM (the scale), the forward
+Times, with ``triton.testing.do_bench``: the cuBLAS logits GEMM (the scale), the default
+backward broken down (each gradient alone, fp32 or bf16 ``grad_weight`` atomics), the forward
 (partials + merge) for each of ``TUNE_FWD``, and the backward (grad_hidden and grad_weight, fp32
 and bf16 ``grad_weight`` accumulation) for each of ``TUNE_BWD``. A config that does not fit the
 card (shared memory, registers) is a row with its error, and one whose output differs from the
@@ -62,6 +63,7 @@ def tune(args: argparse.Namespace) -> dict:
         "triton": triton.__version__,
         "shape": dict(tokens=n, hidden=h, vocab=v, dtype=str(dtype)),
         "gemm_ms": bench_ms(lambda: x @ w.T, device),
+        "breakdown": [],
         "fwd": [],
         "bwd": [],
     }
@@ -71,6 +73,29 @@ def tune(args: argparse.Namespace) -> dict:
     gx_ref = fused_tofu.fused_tofu_bwd(
         x, w, y, None, rowterms, scale, params, (True, False, False)
     )[0]
+    # Where the default backward's time goes (the first H100 run: 118 ms against ~36 for its
+    # GEMM work): each gradient alone, and grad_weight's atomics in fp32 or in bf16.
+    parts = [
+        ("grad_hidden only", (True, False, False), True),
+        ("grad_weight only, fp32 atomics", (False, True, False), True),
+        ("grad_weight only, bf16 atomics", (False, True, False), False),
+        ("both, fp32 atomics", (True, True, False), True),
+    ]
+    for what, needs, acc in parts:
+        row = {"what": what, "ms": None, "status": "ok"}
+        if time.monotonic() > deadline:
+            row["status"] = "skipped: budget"
+        else:
+            fn = lambda n=needs, a=acc: fused_tofu.fused_tofu_bwd(  # noqa: E731
+                x, w, y, None, rowterms, scale, params, n, None, a
+            )
+            try:
+                fn()
+                row["ms"] = bench_ms(fn, device)
+            except Exception as exc:  # noqa: BLE001 - a row, not a crash
+                row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+        result["breakdown"].append(row)
+        print("breakdown", row, flush=True)
     candidates = fused_tofu.TUNE_FWD, fused_tofu.TUNE_BWD
     if args.smoke:
         candidates = tuple(c[:2] for c in candidates)
@@ -113,8 +138,14 @@ def tune(args: argparse.Namespace) -> dict:
 def report(result: dict) -> str:
     lines = [
         f"{result['device']}, torch {result['torch']}, triton {result['triton']}, "
-        f"{result['shape']}; logits GEMM {result['gemm_ms']:.2f} ms"
+        f"{result['shape']}; logits GEMM {result['gemm_ms']:.2f} ms",
+        "",
+        "| default backward | ms |",
+        "|---|---|",
     ]
+    for r in result.get("breakdown", []):
+        ms = f"{r['ms']:.2f}" if r["status"] == "ok" else r["status"]
+        lines.append(f"| {r['what']} | {ms} |")
     for kind in ("fwd", "bwd"):
         lines += [
             "",
