@@ -26,6 +26,7 @@ import triton.language as tl
 
 from tofu_kernels.tofu import _cap, tofu_row_terms
 from tofu_kernels.utils import (
+    HALF_DTYPES,
     TOFUParams,
     cancel_rounding,
     check_backward,
@@ -599,7 +600,7 @@ def fused_tofu_bwd(
             ("gx_ptr", "gw_ptr", "gb_ptr", "err_ptr"),
         )  # fmt: skip
         # grad_hidden's rounding errors, moved onto the targets' weight rows (cancel_rounding)
-        row_err = needs[0] and hidden.dtype in (torch.float16, torch.bfloat16)
+        row_err = needs[0] and hidden.dtype in HALF_DTYPES
         slab = n
         if needs[0] and gx_dtype != f32:  # grad_hidden sums in an fp32 slab, then is cast
             slab = max(ROW_ALIGN, GX_SLAB_ELEMS // h // ROW_ALIGN * ROW_ALIGN)

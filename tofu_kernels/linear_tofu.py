@@ -23,6 +23,7 @@ import torch
 from tofu_kernels.fused_tofu import FusedParams, FusedTOFUFunction, rows_gain, shard_layout
 from tofu_kernels.tofu import tofu_fwd, tofu_fwd_torch
 from tofu_kernels.utils import (
+    HALF_DTYPES,
     KERNEL_DTYPES,
     TORCH_DTYPES,
     TOFUParams,
@@ -181,7 +182,7 @@ def linear_tofu_fwd(
     stats_m = torch.empty(4, m, dtype=out_dtype, device=device)
     # grad_hidden sums a half-precision gradient over the vocabulary: in fp32, with its rows'
     # rounding errors moved onto their targets' weight rows (utils.cancel_rounding)
-    half = dtype in (torch.float16, torch.bfloat16)
+    half = dtype in HALF_DTYPES
     err = torch.empty(m, dtype=torch.float32, device=device) if half and need_grad_hidden else None
     for s in range(0, m, chunk):
         e = min(m, s + chunk)

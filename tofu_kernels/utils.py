@@ -12,6 +12,8 @@ REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "triton", "torch")
 # Dtypes the Triton kernels read; the torch path also takes float64.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# dtypes whose logit gradients round coarsely enough to need utils.cancel_rounding
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
@@ -71,10 +73,10 @@ def accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of half-precision ``a, b`` in fp32, summed in fp32 throughout: a product written
-    in half precision lets cuBLAS add its split-K partial sums in half precision (torch's default
-    ``allow_{fp16,bf16}_reduced_precision_reduction``), which loses the digits of a sum that
-    cancels, such as a logit gradient's row times the weight."""
+    """``a @ b`` of half-precision ``a, b`` in fp32, summed in fp32 throughout, so a correction
+    (:func:`cancel_rounding`) applies before the result's one rounding; a product written in
+    half precision would also let cuBLAS add its split-K partial sums in half precision (torch's
+    default ``allow_{fp16,bf16}_reduced_precision_reduction``)."""
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()  # no out_dtype on CPU

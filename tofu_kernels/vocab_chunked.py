@@ -29,6 +29,7 @@ from tofu_kernels.fused_tofu import (
 )
 from tofu_kernels.tofu import _cap
 from tofu_kernels.utils import (
+    HALF_DTYPES,
     TOFUParams,
     accumulate,
     cancel_rounding,
@@ -206,7 +207,7 @@ def vocab_chunked_bwd(
         # (an H100 run at 8192 tokens found 2% of grad_weight's entries off, some by 100%)
         sum_fp32 = half_range(weight.dtype)
         # grad_hidden's rounding errors, moved onto the targets' weight rows (cancel_rounding)
-        half = hidden.dtype in (torch.float16, torch.bfloat16)
+        half = hidden.dtype in HALF_DTYPES
         err = torch.zeros(n, dtype=torch.float32, device=dev) if half and gx is not None else None
         err_blocks = None
         if err is not None:
