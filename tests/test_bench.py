@@ -230,9 +230,23 @@ def test_tune_fused_smoke(tmp_path):
     assert "| bwd |" in (tmp_path / "tune.md").read_text()
 
 
+def test_launch_config_override_is_exact_and_restored(monkeypatch):
+    """tune_fused.launch_config (also the sweep's): inside, fused_config returns the candidate
+    for this device ((9, 0) on CPU); after, the table is as before, also when the body raises."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    tune = importlib.import_module("tune_fused")
+    fused = importlib.import_module("tofu_kernels.fused_tofu")
+    before = dict(fused.FWD_CONFIGS)
+    candidate = {**fused.FWD_CONFIGS[8], "BLOCK_V": 64}
+    with pytest.raises(RuntimeError), tune.launch_config(fused.FWD_CONFIGS, candidate):
+        assert fused.fused_config(fused.FWD_CONFIGS, (9, 0), torch.bfloat16) == candidate
+        raise RuntimeError
+    assert fused.FWD_CONFIGS == before
+
+
 def test_sweep_smoke(tmp_path):
     """bench/sweep.py end to end on CPU: a row per variant, each loss checked against float64
-    (timings are not asserted); the fused forward's config is restored after its variants."""
+    (timings are not asserted)."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "sweep.py"), "--smoke", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
@@ -240,7 +254,7 @@ def test_sweep_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     names = [r["variant"] for r in rows]
-    assert names[0] == "chunked" and "fused-fwd64x256" in names and len(names) == len(set(names))
+    assert names[0] == "chunked" and "fused-fwd64x128" in names and len(names) == len(set(names))
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), rows
     assert "| chunked-c2048 |" in proc.stdout
 
