@@ -146,6 +146,17 @@ def rel_err(actual, expected) -> float:
     return ((actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
 
 
+def shared_direction_head(rows, vocab, hidden, dtype, device, common=1.0):
+    """``(hidden_states, weight)`` of a flat softmax (logits spread ~0.3) over weight rows that
+    share a direction ``common`` times a standard normal one, as a trained head's rows do: the
+    direction cancels out of grad_hidden only if the logits' gradient rows keep summing to 0,
+    so their rounding errors in half precision show (utils.cancel_rounding)."""
+    x = (torch.randn(rows, hidden, device=device) * 0.3 / hidden**0.5).to(dtype)
+    direction = common * torch.randn(1, hidden, device=device)
+    w = (torch.randn(vocab, hidden, device=device) * 0.1 + direction).to(dtype)
+    return x, w
+
+
 def make_inputs(shape, hidden, vocab, dtype, device, *, bias=False, ignored=0.3):
     # weight scaled so logits have a spread of a few units, as in a trained head
     x = torch.randn(*shape, hidden, device=device).to(dtype)

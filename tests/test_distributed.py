@@ -74,12 +74,17 @@ def _half_precision_shards(rank: int, world: int) -> None:
     its own targets' weight rows (utils.cancel_rounding), and none onto a row for a target held
     by another shard. The weight rows share a strong direction, which turns misplaced errors
     into grad_hidden error."""
-    from helpers import LINEAR_GRAD_RTOL, linear_oracle, random_labels, rel_err
+    from helpers import (
+        LINEAR_GRAD_RTOL,
+        linear_oracle,
+        random_labels,
+        rel_err,
+        shared_direction_head,
+    )
 
     torch.manual_seed(100)
     n, vocab, h = 64, 301, 32
-    x = (torch.randn(n, h) * 0.3 / h**0.5).half()
-    w = (torch.randn(vocab, h) * 0.1 + 4.0 * torch.randn(1, h)).half()
+    x, w = shared_direction_head(n, vocab, h, torch.float16, "cpu", common=4.0)
     y = random_labels((n,), vocab, "cpu", ignored=0.3)
     go = torch.tensor(2.0**16)
     _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, grad_output=go)

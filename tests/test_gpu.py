@@ -18,6 +18,7 @@ from helpers import (
     oracle,
     random_labels,
     random_logits,
+    shared_direction_head,
 )
 from tofu_kernels import fused_linear_tofu_loss, tofu_loss
 
@@ -134,9 +135,9 @@ def test_fused_linear_llama3_head_half_flat_softmax(impl, dtype):
       unless moved onto w_y (utils.cancel_rounding; an H100 found chunked 5.5e-3 off in fp16
       without it, and bf16 is 6e-2 off on CPU at 512 x 2048)."""
     n, h, v = 8192, 4096, LLAMA3_VOCAB
-    x = (torch.randn(n, h, device="cuda") * 0.3 / h**0.5).to(dtype).requires_grad_(True)
-    common = torch.randn(1, h, device="cuda")
-    w = (torch.randn(v, h, device="cuda") * 0.1 + common).to(dtype).requires_grad_(True)
+    x, w = shared_direction_head(n, v, h, dtype, "cuda")
+    x.requires_grad_(True)
+    w.requires_grad_(True)
     y = random_labels((n,), v, "cuda", ignored=0.3)
     go = torch.tensor(2.0**16, device="cuda")
     fused_linear_tofu_loss(x, w, y, impl=impl).backward(go)

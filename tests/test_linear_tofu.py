@@ -26,6 +26,7 @@ from helpers import (
     make_inputs,
     random_labels,
     rel_err,
+    shared_direction_head,
 )
 from tofu_kernels import FusedLinearTOFULoss, fused_linear_tofu_loss, tofu_loss
 from tofu_kernels import linear_tofu as linear_mod
@@ -482,9 +483,9 @@ def test_half_grad_hidden_keeps_a_shared_weight_direction_cancelled(device, impl
     fp16, with or without softcap, and 6e-2 in bf16, before each impl moved its rows' rounding
     errors onto w_y (utils.cancel_rounding)."""
     n, vocab, h = 512, 2048, 256
-    x = (torch.randn(n, h, device=device) * 0.3 / h**0.5).to(dtype).requires_grad_(True)
-    common = 4.0 * torch.randn(1, h, device=device)
-    w = (torch.randn(vocab, h, device=device) * 0.1 + common).to(dtype).requires_grad_(True)
+    x, w = shared_direction_head(n, vocab, h, dtype, device, common=4.0)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
     y = random_labels((n,), vocab, device, ignored=0.3)
     go = torch.tensor(2.0**16, device=device)
     fused_linear_tofu_loss(x, w, y, impl=impl, softcap=softcap).backward(go)
