@@ -21,8 +21,8 @@ AUTO_TABLE = Path(__file__).resolve().parent.parent / "tofu_kernels" / "auto_imp
 
 
 def record_auto(rows: list[dict], source: str, table: Path = AUTO_TABLE) -> dict | None:
-    """Write the run's picks (:func:`report.auto_choice`) into ``table`` under its compute
-    capability major, keeping the other capabilities' entries; the entry, or None."""
+    """Write the run's picks (:func:`report.auto_choice`) into ``table`` under its exact compute
+    capability ("9.0"), keeping the other capabilities' entries; the entries, or None."""
     choice = auto_choice(rows)
     if choice is None:
         return None
