@@ -8,7 +8,9 @@ replays those additions in the same order of magnitude and rounding (each additi
 bf16, round-to-nearest-even, as ``red.add.bf16`` does) at the real N and V of the Llama-3-8B head
 with a small H (the error per element does not depend on H, only on the number and size of the
 addends), and reports the error against float64 the way the GPU tests measure it: the largest
-elementwise error over the largest magnitude.
+elementwise error over the largest magnitude. It also replays ``grad_weight`` summed in fp32 per
+token slab and rounded to bf16 after each (``impl="vocab_chunked"`` with ``accum_dtype=None``:
+``--lean-slab`` tokens; Liger's chunks of 256 rows the same way).
 
     python bench/accum_precision.py [--tokens 8192] [--vocab 128256] [--hidden 64]
 """
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--slab", type=int, default=512)
+    ap.add_argument("--lean-slab", type=int, default=2048, help="a multiple of --slab")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -48,6 +51,10 @@ def main() -> None:
     gw_ref = torch.zeros(v, h, dtype=torch.float64)
     gw_f32 = torch.zeros(v, h)
     gw_bf16 = {b: torch.zeros(v, h, dtype=torch.bfloat16) for b in block_ns}
+    # rounded once per slab of token rows: fp32 sums of slab_rows[k] rows, then a bf16 addition
+    slab_rows = (256, args.lean_slab)
+    gw_slabs = {r: torch.zeros(v, h, dtype=torch.bfloat16) for r in slab_rows}
+    gw_slab_part = {r: torch.zeros(v, h) for r in slab_rows}
     gx_ref = torch.zeros(n, h, dtype=torch.float64)
     gx_f32 = torch.zeros(n, h)
     gx_bf16 = {b: torch.zeros(n, h, dtype=torch.bfloat16) for b in block_vs}
@@ -64,6 +71,14 @@ def main() -> None:
                 part = dz_in[t : t + b].T @ xf[t : t + b]
                 gw_bf16[b] = (gw_bf16[b].float() + part).to(torch.bfloat16)
         gw_f32 += dz_in.T @ xf
+        for r in slab_rows:
+            step = min(r, args.slab)
+            for t in range(0, dz_in.shape[0], step):
+                gw_slab_part[r] += dz_in[t : t + step].T @ xf[t : t + step]
+                end = s + t + step
+                if end % r == 0 or end >= n:
+                    gw_slabs[r] = (gw_slabs[r].float() + gw_slab_part[r]).to(torch.bfloat16)
+                    gw_slab_part[r].zero_()
         for b in block_vs:
             acc = torch.zeros(dz_in.shape[0], h, dtype=torch.bfloat16)
             for c in range(0, v, b):
@@ -82,6 +97,9 @@ def main() -> None:
         print(
             f"| grad_weight | bf16 atomics | {n // b} (BLOCK_N={b}) | {rel_err(got, gw_ref):.2e} |"
         )
+    for r, got in gw_slabs.items():
+        print(f"| grad_weight | bf16 per {r}-token slab | {-(-n // r)} | "
+              f"{rel_err(got, gw_ref):.2e} |")  # fmt: skip
     print(f"| grad_hidden | fp32, cast once | {v // 128} (BLOCK_V=128) | "
           f"{rel_err(gx_f32.to(torch.bfloat16), gx_ref):.2e} |")  # fmt: skip
     for b, got in gx_bf16.items():

@@ -166,6 +166,12 @@ def all_providers() -> list[Provider]:
         Provider(
             "tofu_kernels/chunked-c4096", ("tofu",), _tofu_kernels("chunked", chunk_size=4096)
         ),
+        # vocab_chunked over token slabs: grad_weight rounded to bf16 once per 2048-token slab
+        Provider(
+            "tofu_kernels/vocab_chunked-bf16acc",
+            ("tofu",),
+            _tofu_kernels("vocab_chunked", accum_dtype=None),
+        ),
         # the fused impl's grad_weight summed by bf16 atomics into the gradient: CCE's memory
         Provider("tofu_kernels/fused-bf16acc", ("tofu",), _tofu_kernels("fused", accum_dtype=None)),
     ]

@@ -1,5 +1,6 @@
 """Time the impls' default-setting knobs side by side at one case, to choose the defaults
-(chunk sizes, grad_weight accumulation, the fused forward's launch config) by measurement.
+(chunk sizes, grad_weight accumulation, token slabs, the fused forward's launch config) by
+measurement.
 
     python bench/sweep.py [--case llama3-8b --tokens 8192] [--only SUBSTRING] [--out DIR]
 
@@ -17,6 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -24,12 +26,14 @@ import run as harness  # noqa: E402 (sets TRITON_INTERPRET first where there is 
 from providers import Provider, _tofu_kernels  # noqa: E402
 from tune_fused import launch_config  # noqa: E402
 
-from tofu_kernels import fused_tofu  # noqa: E402
+from tofu_kernels import fused_tofu, vocab_chunked  # noqa: E402
 
-# (name, impl, options, fused forward config or None): the defaults first, as the baseline.
-# The fused forward's 64x128 tiles were sm_90's default before the first H100 run (31.2 ms
-# against 64x256's 20.5 ms there).
+# (name, impl, options, a module setting to change for the variant or None): the defaults
+# first, as the baseline. The fused forward's 64x128 tiles were sm_90's default before the
+# first H100 run (31.2 ms against 64x256's 20.5 ms there). vocab_chunked's token slabs
+# (accum_dtype=None) are LEAN_SLAB_ROWS rows.
 FUSED_FWD_NARROW = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, GROUP_N=32, num_warps=8, num_stages=3)
+LEAN = {"accum_dtype": None}
 VARIANTS = [
     ("chunked", "chunked", {}, None),
     *[(f"chunked-c{c}", "chunked", {"chunk_size": c}, None) for c in (1024, 2048, 4096)],
@@ -39,10 +43,27 @@ VARIANTS = [
     ],
     ("vocab_chunked", "vocab_chunked", {}, None),
     *[(f"vocab_chunked-c{c}", "vocab_chunked", {"chunk_size": c}, None) for c in (8192, 16384)],
+    ("vocab_chunked-bf16acc", "vocab_chunked", LEAN, None),
+    ("vocab_chunked-bf16acc-c4096", "vocab_chunked", {**LEAN, "chunk_size": 4096}, None),
+    *[
+        (f"vocab_chunked-bf16acc-s{s}", "vocab_chunked", LEAN, ("LEAN_SLAB_ROWS", s))
+        for s in (1024, 4096)
+    ],
     ("fused", "fused", {}, None),
     ("fused-bf16acc", "fused", {"accum_dtype": None}, None),
-    ("fused-fwd64x128", "fused", {}, FUSED_FWD_NARROW),
+    ("fused-fwd64x128", "fused", {}, ("FWD_CONFIGS", FUSED_FWD_NARROW)),
 ]
+
+
+def setting(change: tuple[str, object] | None):
+    """A context that applies a variant's module setting and restores it: a fused launch config
+    (under the device's capability key) or vocab_chunked's slab rows."""
+    if change is None:
+        return contextlib.nullcontext()
+    name, value = change
+    if name == "FWD_CONFIGS":
+        return launch_config(fused_tofu.FWD_CONFIGS, value)
+    return mock.patch.object(vocab_chunked, name, value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     inputs = harness.make_inputs(case, preset.rotate)
     ref = harness.reference_losses(inputs)["tofu"]
     rows = []
-    for name, impl, options, config in VARIANTS:
+    for name, impl, options, change in VARIANTS:
         if args.only not in name:
             continue
         provider = Provider(name, ("tofu",), _tofu_kernels(impl, **options))
         start = time.monotonic()
-        with launch_config(fused_tofu.FWD_CONFIGS, config) if config else contextlib.nullcontext():
+        with setting(change):
             row = harness.measure(provider, case, "tofu", inputs, ref, preset)
         row.update(wall_s=time.monotonic() - start, variant=name, impl=impl)
         row["options"] = {k: str(v) for k, v in options.items()}

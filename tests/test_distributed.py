@@ -90,11 +90,17 @@ def _half_precision_shards(rank: int, world: int) -> None:
     _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, grad_output=go)
     shards = torch.tensor_split(torch.arange(vocab), world)[rank]
     lo, hi = int(shards[0]), int(shards[-1]) + 1
-    for impl in ("fused", "vocab_chunked"):
-        part = _run(x, w[lo:hi], None, y, go, impl=impl, process_group=dist.group.WORLD)
-        tol = LINEAR_GRAD_RTOL[torch.float16]
-        assert rel_err(part[1], gx) < tol, (rank, impl, "fp16 grad_hidden", rel_err(part[1], gx))
-        assert rel_err(part[2], gw[lo:hi]) < tol, (rank, impl, "fp16 grad_weight shard")
+    from tofu_kernels import vocab_chunked
+
+    vocab_chunked.LEAN_SLAB_ROWS = 24  # accum_dtype=None's token slabs: 24, 24 and 16 rows
+    tol = LINEAR_GRAD_RTOL[torch.float16]
+    for impl, accum in (("fused", torch.float32), ("vocab_chunked", torch.float32),
+                        ("vocab_chunked", None)):  # fmt: skip
+        part = _run(x, w[lo:hi], None, y, go, impl=impl, accum_dtype=accum,
+                    process_group=dist.group.WORLD)  # fmt: skip
+        where = (rank, impl, accum)
+        assert rel_err(part[1], gx) < tol, (*where, "fp16 grad_hidden", rel_err(part[1], gx))
+        assert rel_err(part[2], gw[lo:hi]) < tol, (*where, "fp16 grad_weight shard")
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -274,6 +274,13 @@ def test_peft_heads(where, device):
         )
 
 
+def assert_bf16_grads_close(got: dict, ref: dict) -> None:
+    """bf16 gradients that went through different roundings: same dtype, same direction."""
+    for name, g in got.items():
+        cos = nn.functional.cosine_similarity(g.flatten().float(), ref[name].flatten().float(), 0)
+        assert g.dtype == torch.bfloat16 and cos > 0.98, name
+
+
 def test_bf16_model(device):
     model = tiny_model("gemma2", device, dtype=torch.bfloat16)
     ids, mask, labels = batch(device)
@@ -286,11 +293,36 @@ def test_bf16_model(device):
     # Both read bf16 logits; softcap rounds once here and three times in the model's own code.
     torch.testing.assert_close(out.loss, ref.detach(), rtol=2e-2, atol=0)
     out.loss.backward()
-    for name, g in grads(model).items():
-        cos = nn.functional.cosine_similarity(
-            g.flatten().float(), ref_grads[name].flatten().float(), 0
-        )
-        assert g.dtype == torch.bfloat16 and cos > 0.98, name
+    assert_bf16_grads_close(grads(model), ref_grads)
+
+
+def test_accum_dtype_option(device, monkeypatch):
+    """accum_dtype reaches the fused loss: None on a bf16 model with vocab_chunked runs its
+    backward over token slabs (5 rows here); a bad value raises when applied."""
+    from tofu_kernels import vocab_chunked
+
+    monkeypatch.setattr(vocab_chunked, "LEAN_SLAB_ROWS", 5)
+    slabs = []
+    real_bwd = vocab_chunked.vocab_chunked_bwd
+
+    def bwd(*args, slab_rows=None, **kwargs):
+        slabs.append(slab_rows)
+        return real_bwd(*args, slab_rows=slab_rows, **kwargs)
+
+    monkeypatch.setattr(vocab_chunked, "vocab_chunked_bwd", bwd)
+    model = tiny_model("gemma2", device, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="accum_dtype"):
+        apply_tofu_kernel(model, accum_dtype=torch.int32)
+    ids, mask, labels = batch(device)
+    ref, _ = published(model, ids, mask, labels)
+    ref.backward()
+    ref_grads = grads(model)
+    apply_tofu_kernel(model, gamma=GAMMA, beta=BETA, impl="vocab_chunked", accum_dtype=None)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=2e-2, atol=0)
+    out.loss.backward()
+    assert slabs == [5]
+    assert_bf16_grads_close(grads(model), ref_grads)
 
 
 class _ScaledConfig(transformers.LlamaConfig):

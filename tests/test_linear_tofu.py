@@ -204,12 +204,15 @@ def test_impls_and_drop_ignored_agree(device, impl):
 
 
 # None: grad_weight in the weight's dtype (chunked: per chunk; fused: fp16 atomics under the
-# interpreter, which has no bf16 atomics and sums bf16 in fp32). vocab_chunked has no
-# grad_weight accumulator.
-@pytest.mark.parametrize("impl", ["chunked", "fused"])
+# interpreter, which has no bf16 atomics and sums bf16 in fp32; vocab_chunked: per token slab,
+# here of 64 rows: two full slabs and a short one).
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("accum_dtype", [None, torch.float32])
-def test_weight_grad_accumulator_dtypes(device, accum_dtype, dtype, impl):
+def test_weight_grad_accumulator_dtypes(device, monkeypatch, accum_dtype, dtype, impl):
+    from tofu_kernels import vocab_chunked
+
+    monkeypatch.setattr(vocab_chunked, "LEAN_SLAB_ROWS", 64)
     x, w, _, y = make_inputs((150,), 37, 301, dtype, device)
     x.requires_grad_(True)
     w.requires_grad_(True)
@@ -308,6 +311,7 @@ BAD_INPUTS = [
     (dict(weight=torch.zeros(5, 8, device="meta")), ValueError, "weight"),
     (dict(accum_dtype=torch.int32), ValueError, "accum_dtype"),
     (dict(accum_dtype=torch.float64, impl="fused"), ValueError, "accum_dtype"),
+    (dict(accum_dtype=torch.float16, impl="vocab_chunked"), ValueError, "accum_dtype"),
 ]
 
 
@@ -475,8 +479,11 @@ def test_fp16_many_tokens_keep_the_off_target_gradient(device, impl, reduction):
     "dtype,softcap",
     [(torch.float16, None), (torch.float16, 30.0), (torch.bfloat16, None)],
 )
-@pytest.mark.parametrize("impl", ["torch", "vocab_chunked", "fused"])
-def test_half_grad_hidden_keeps_a_shared_weight_direction_cancelled(device, impl, dtype, softcap):
+# "vocab_chunked-slabs": accum_dtype=None's token slabs, 200 rows here (a short last slab)
+@pytest.mark.parametrize("impl", ["torch", "vocab_chunked", "vocab_chunked-slabs", "fused"])
+def test_half_grad_hidden_keeps_a_shared_weight_direction_cancelled(
+    device, monkeypatch, impl, dtype, softcap
+):
     """grad_hidden = sum_v grad_v w_v, where a direction that all weight rows share cancels
     (without softcap, because a gradient row sums to 0); rounded to fp16/bf16, the row's target
     entry (its largest) adds its rounding error along that direction: about 9e-3 off here in
@@ -488,7 +495,13 @@ def test_half_grad_hidden_keeps_a_shared_weight_direction_cancelled(device, impl
     w.requires_grad_(True)
     y = random_labels((n,), vocab, device, ignored=0.3)
     go = torch.tensor(2.0**16, device=device)
-    fused_linear_tofu_loss(x, w, y, impl=impl, softcap=softcap).backward(go)
+    options = {}
+    if impl == "vocab_chunked-slabs":
+        from tofu_kernels import vocab_chunked
+
+        monkeypatch.setattr(vocab_chunked, "LEAN_SLAB_ROWS", 200)
+        impl, options = "vocab_chunked", {"accum_dtype": None}
+    fused_linear_tofu_loss(x, w, y, impl=impl, softcap=softcap, **options).backward(go)
     _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, softcap=softcap, grad_output=go)
     assert rel_err(x.grad, gx) < LINEAR_GRAD_RTOL[dtype], rel_err(x.grad, gx)
     assert rel_err(w.grad, gw) < LINEAR_GRAD_RTOL[dtype], rel_err(w.grad, gw)

@@ -80,6 +80,63 @@ def test_no_weight_sized_fp32_buffer_and_frozen_weight(device, monkeypatch):
     assert (128, 40) not in mm_outs and (44, 40) not in mm_outs
 
 
+# accum_dtype=None in half precision runs the backward over token slabs: 23 rows in slabs of 7
+# (three full, one of 2 rows: a short slab's layout of rounding-error sums), chunks of 128 of
+# V = 301 (a short last one), with bias, softcap, ignored rows and a per-token upstream gradient.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_token_slabs(device, monkeypatch, dtype):
+    monkeypatch.setattr(vc_mod, "LEAN_SLAB_ROWS", 7)
+    shapes = []
+    real_zeros, real_empty = torch.zeros, torch.empty
+
+    def spy(real):
+        def alloc(*size, dtype=None, **kwargs):
+            shapes.append((tuple(size), dtype))
+            return real(*size, dtype=dtype, **kwargs)
+
+        return alloc
+
+    monkeypatch.setattr(vc_mod.torch, "zeros", spy(real_zeros))
+    monkeypatch.setattr(vc_mod.torch, "empty", spy(real_empty))
+    x, w, b, y = make_inputs((23,), 40, 301, dtype, device, bias=True, ignored=0.3)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+    opts = dict(softcap=20.0, reduction="none")
+    loss = fused_linear_tofu_loss(
+        leaves[0], leaves[1], y, bias=leaves[2], impl="vocab_chunked", chunk_size=128,
+        accum_dtype=None, **opts,
+    )  # fmt: skip
+    go = torch.randn_like(loss)
+    loss.backward(go)
+    ref = linear_oracle(x, w, y, bias=b, gamma=3.0, beta=0.8, grad_output=go, **opts)
+    names = ("loss", "x", "w", "b")
+    for got, want, name in zip([loss, *(t.grad for t in leaves)], ref, names, strict=True):
+        tol = LINEAR_LOSS_RTOL[dtype] if name == "loss" else LINEAR_GRAD_RTOL[dtype]
+        assert rel_err(got, want) < tol, (name, rel_err(got, want))
+        assert name == "loss" or got.dtype == dtype
+    # a (slab, H) fp32 grad_hidden buffer and a (slab, chunk) logits buffer, nothing (N, H) in
+    # fp32; grad_hidden is allocated in its own dtype
+    assert ((7, 40), torch.float32) in shapes and ((23, 40), torch.float32) not in shapes
+    assert ((23, 40), dtype) in shapes and ((7 * 128,), dtype) in shapes
+    assert vc_mod.lean_slab_rows(torch.float32, accum_fp32=False) is None  # fp32: no slabs
+    assert vc_mod.lean_slab_rows(dtype, accum_fp32=True) is None
+
+
+def test_token_slabs_fp16_weight_gradient_stays_in_range(device, monkeypatch):
+    """fp16 slabs add each slab's grad_weight, summed in fp32, at its true scale: four slabs
+    of 256 tokens of one label with hidden states ~100 (the true mean is ~50; one slab's sum
+    at the logits' gradient's unit scale would pass 65504)."""
+    monkeypatch.setattr(vc_mod, "LEAN_SLAB_ROWS", 256)
+    n, vocab, hidden = 1024, 64, 16
+    x = (torch.randn(n, hidden, device=device) + 100.0).half().requires_grad_(True)
+    w = (torch.randn(vocab, hidden, device=device) * 1e-3).half().requires_grad_(True)
+    y = torch.full((n,), 3, device=device)
+    fused_linear_tofu_loss(x, w, y, impl="vocab_chunked", accum_dtype=None).backward()
+    _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8)
+    assert gw.abs().max() > 20
+    assert torch.isfinite(x.grad).all()
+    assert rel_err(w.grad, gw) < LINEAR_GRAD_RTOL[torch.float16], rel_err(w.grad, gw)
+
+
 def test_all_ignored_and_out_of_range(device):
     x, w, b, y = make_inputs((12,), 40, 300, torch.float32, device, bias=True, ignored=1.0)
     grads = run(x, w, b, y, chunk_size=128)

@@ -714,11 +714,11 @@ def fused_bwd_op(
     ``grad_hidden`` in fp32 with ``gx_fp32``."""
     params = TOFUParams(gamma, beta, ignore_index, "sum", softcap)
     if impl == "vocab_chunked":
-        from tofu_kernels.vocab_chunked import vocab_chunked_bwd
+        from tofu_kernels.vocab_chunked import lean_slab_rows, vocab_chunked_bwd
 
         grads = vocab_chunked_bwd(
             hidden, weight, labels, bias, rowterms, grad_scale, params, tuple(needs), chunk_size,
-            gx_fp32,
+            gx_fp32, lean_slab_rows(weight.dtype, accum_fp32),
         )  # fmt: skip
     else:
         grads = fused_tofu_bwd(
@@ -747,7 +747,9 @@ class FusedParams:
 
     tofu: TOFUParams
     filter_eps: float | None = None
-    accum_fp32: bool = True  # grad_weight: fp32 buffer, or atomics in the weight's dtype
+    # grad_weight summed in fp32, or in the weight's dtype (fused: atomics into the gradient;
+    # vocab_chunked: across token slabs)
+    accum_fp32: bool = True
     # vocabulary parallel: this rank's shard of the vocabulary is [vocab_offset, + weight rows)
     process_group: object = None
     vocab_offset: int = 0

@@ -52,7 +52,7 @@ from torch import nn
 
 from tofu_kernels.linear_tofu import RECOMPUTE_IMPLS, fused_linear_tofu_loss
 from tofu_kernels.tofu import tofu_loss
-from tofu_kernels.utils import KERNEL_DTYPES, TOFUParams, TOFUStats
+from tofu_kernels.utils import KERNEL_DTYPES, TOFUParams, TOFUStats, check_accum_dtype
 
 __all__ = [
     "HEAD_SPECS",
@@ -275,6 +275,7 @@ class _TOFUState:
         self.ignore_index: int = options["ignore_index"]
         self.impl: str = options["impl"]
         self.chunk_size: int | None = options["chunk_size"]
+        self.accum_dtype: torch.dtype | None = options["accum_dtype"]
         self.return_logits: bool = options["return_logits"]
         self.softcap: float | None = options["softcap"]
         self.scale: float | None = options["scale"]
@@ -353,6 +354,7 @@ class _FusedHead:
             num_items_in_batch=self.num_items_in_batch,
             softcap=st.softcap,
             chunk_size=st.chunk_size,
+            accum_dtype=st.accum_dtype,
             impl=impl,
             return_stats=True,
         )
@@ -608,6 +610,7 @@ def apply_tofu_kernel(
     ignore_index: int = -100,
     impl: str = "auto",
     chunk_size: int | None = None,
+    accum_dtype: torch.dtype | None = torch.float32,
     return_logits: bool = False,
     verify: bool = True,
 ) -> nn.Module:
@@ -635,6 +638,9 @@ def apply_tofu_kernel(
             ``return_logits``).
         chunk_size: tokens (vocabulary columns for ``"vocab_chunked"``) per chunk of the fused
             loss (default: see ``fused_linear_tofu_loss``).
+        accum_dtype: the fused loss's ``grad_weight`` accumulation: fp32, or None for the
+            weight's dtype (less memory; with ``"vocab_chunked"``, its token slabs). See
+            ``fused_linear_tofu_loss``.
         return_logits: also return detached logits from training forwards (costs their memory).
         verify: run one 4-token forward to check that the model's logits are what the fused loss
             reads (``softcap(scale * lm_head(hidden))``). Turn off only where the model cannot
@@ -652,12 +658,14 @@ def apply_tofu_kernel(
     spec = HEAD_SPECS.get(getattr(lm.config, "model_type", None), HeadSpec())
     softcap, scale = spec.softcap(lm), spec.scale(lm)
     TOFUParams(gamma, beta, ignore_index, "mean", softcap, _IMPLS[impl][1])  # validates them
+    check_accum_dtype(accum_dtype)
     options = {
         "gamma": float(gamma),
         "beta": float(beta),
         "ignore_index": ignore_index,
         "impl": impl,
         "chunk_size": chunk_size,
+        "accum_dtype": accum_dtype,
         "return_logits": bool(return_logits),
         "softcap": None if softcap is None else float(softcap),
         "scale": None if scale is None else float(scale),

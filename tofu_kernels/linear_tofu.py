@@ -30,6 +30,7 @@ from tofu_kernels.utils import (
     TOFUStats,
     accumulate,
     cancel_rounding,
+    check_accum_dtype,
     check_backward,
     check_label_range,
     check_labels,
@@ -414,9 +415,12 @@ def fused_linear_tofu_loss(
             ``grad_weight`` in the weight's dtype: no (V, H) fp32 buffer, Liger's (chunked: one
             rounding per chunk) and CCE's (fused: atomics into the gradient, one rounding per
             token block) memory, at up to ~1.2e-2 of the largest entry at the Llama-3 head in
-            bf16 against ~3.5e-3 with fp32 (``bench/accum_precision.py``). The fused impl takes
-            fp32 or None, and always sums ``grad_hidden`` in fp32: in bf16 its V / 128 tile
-            products per entry would be ~0.1 off.
+            bf16 against ~3.5e-3 with fp32 (``bench/accum_precision.py``). vocab_chunked has no
+            such accumulator; with None (in bf16/fp16) it runs its backward over token slabs of
+            ``LEAN_SLAB_ROWS`` (2048) tokens: ``grad_hidden`` summed in a slab-sized fp32 buffer
+            instead of an (N, H) one, ``grad_weight`` rounded once per slab. The recompute impls
+            take fp32 or None, and always sum ``grad_hidden`` in fp32: in bf16 the fused impl's
+            V / 128 tile products per entry would be ~0.1 off.
         drop_ignored: run only valid tokens through the GEMMs. Default: on for CPU tensors; on a
             GPU it needs one host-device sync (the number of valid tokens), so it is opt-in there.
         filter_eps: ``impl="fused"`` only: skip gradient work whose every entry is at most
@@ -482,10 +486,7 @@ def fused_linear_tofu_loss(
                 f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}; cast them to one "
                 "dtype or run under torch.autocast"
             )
-    if accum_dtype is not None and not (
-        isinstance(accum_dtype, torch.dtype) and accum_dtype.is_floating_point
-    ):
-        raise ValueError(f"accum_dtype must be a floating torch.dtype or None, got {accum_dtype!r}")
+    check_accum_dtype(accum_dtype)
     vocab_offset, vocab = 0, weight.shape[0]
     if process_group is not None:
         if impl not in ("auto", *RECOMPUTE_IMPLS) or not use_triton(
@@ -517,9 +518,9 @@ def fused_linear_tofu_loss(
                 f"impl={impl!r} runs Triton kernels: CUDA tensors, or CPU tensors under "
                 "TRITON_INTERPRET=1 (set before triton is imported); impl='torch' runs on CPU"
             )
-    if impl == "fused" and accum_dtype not in (None, torch.float32, weight.dtype):
+    if impl in RECOMPUTE_IMPLS and accum_dtype not in (None, torch.float32, weight.dtype):
         raise ValueError(
-            f"impl='fused' accumulates grad_weight in fp32 or, with accum_dtype=None, in the "
+            f"impl={impl!r} accumulates grad_weight in fp32 or, with accum_dtype=None, in the "
             f"weight's dtype; got accum_dtype={accum_dtype}"
         )
     check_label_range(labels, vocab, ignore_index)

@@ -12,6 +12,11 @@ fp32 ``(N, H)`` accumulator: N x H x 4 bytes, 128 MB at 8192 tokens and H 4096).
 
 Four GEMM-sized passes against the token-chunked impl's three, but no read-modify-write of a
 ``(V, H)`` accumulator per token chunk (memory-bound for chunks of a few hundred tokens).
+
+With ``accum_dtype=None`` (half precision) the backward runs over token slabs, each the above
+on its rows: ``grad_hidden`` needs an fp32 buffer of one slab only, and ``grad_weight`` is
+summed across slabs in its own dtype (one rounding per slab, read and written once per slab):
+below Liger's memory, which holds a ``(chunk, V)`` logits buffer.
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ GRAD_CONFIG = dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4)
 # about the size of hidden (C = H columns), and C is a multiple of CHUNK_ALIGN.
 MIN_VOCAB_CHUNK = 2048
 CHUNK_ALIGN = 256
+# accum_dtype=None in half precision: the backward runs over token slabs of this many rows
+# (grad_hidden summed in a (slab, H) fp32 buffer, grad_weight across slabs in its own dtype),
+# in chunks of MIN_VOCAB_CHUNK columns. At the Llama-3 head (8192 tokens) its temporaries are
+# 32 MB + a 8 MB logits buffer against 128 + 64 MB, below Liger's 63 MB (bench/NOTES.md).
+LEAN_SLAB_ROWS = 2048
 
 
 @triton.jit
@@ -124,12 +134,20 @@ def default_vocab_chunk(hidden: int, vocab: int) -> int:
     return min(vocab, chunk)
 
 
-def _chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk: int):
+def _chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    chunk: int,
+    storage: torch.Tensor | None = None,
+):
     """Yield ``(index, col0, logits)`` per vocabulary chunk; ``logits`` is the chunk's
-    ``hidden @ weight[chunk].T + bias[chunk]`` in a buffer reused across chunks."""
+    ``hidden @ weight[chunk].T + bias[chunk]`` in a buffer reused across chunks (``storage``,
+    at least ``N * chunk`` elements, or a new one)."""
     n = hidden.shape[0]
     vocab = weight.shape[0]
-    storage = torch.empty(n * min(chunk, vocab), dtype=hidden.dtype, device=hidden.device)
+    if storage is None:
+        storage = torch.empty(n * min(chunk, vocab), dtype=hidden.dtype, device=hidden.device)
     for i, c0 in enumerate(range(0, vocab, chunk)):
         c1 = min(c0 + chunk, vocab)
         z = storage[: n * (c1 - c0)].view(n, c1 - c0)  # contiguous, also for the last chunk
@@ -169,6 +187,13 @@ def vocab_chunked_partials(
     return partials
 
 
+def lean_slab_rows(dtype: torch.dtype, accum_fp32: bool) -> int | None:
+    """Token slab of the backward: ``LEAN_SLAB_ROWS`` where ``grad_weight`` is summed in the
+    weight's half-precision dtype (``accum_dtype=None``), else None (all tokens at once).
+    fp32 takes no slabs: its ``grad_hidden`` accumulator is the gradient itself."""
+    return LEAN_SLAB_ROWS if dtype in HALF_DTYPES and not accum_fp32 else None
+
+
 def vocab_chunked_bwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -180,26 +205,40 @@ def vocab_chunked_bwd(
     needs: tuple[bool, bool, bool],
     chunk_size: int | None = None,
     gx_fp32: bool = False,
+    slab_rows: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum_t grad_scale[t] * loss[t]`` (``grad_scale`` fp32, 1 or N elements)
     for (hidden, weight, bias) where ``needs`` says so, from the merge's per-row terms;
-    ``grad_hidden`` stays fp32 with ``gx_fp32``."""
+    ``grad_hidden`` stays fp32 with ``gx_fp32``.
+
+    ``slab_rows``: run the tokens in slabs of that many rows (None: all at once). Each slab's
+    ``grad_hidden`` is summed in an fp32 ``(slab_rows, H)`` buffer instead of an ``(N, H)`` one,
+    and ``grad_weight`` is summed across slabs in the weight's dtype: one rounding per slab."""
     n, h = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
     labels, grad_scale = labels.contiguous(), grad_scale.contiguous()
-    gx = torch.zeros(n, h, dtype=torch.float32, device=dev) if needs[0] else None
-    # every row of grad_weight / grad_bias is written by exactly one chunk
+    slab = max(1, min(n, slab_rows or n))
+    one_slab = slab >= n
+    gx = acc = None
+    if needs[0]:
+        # one slab: the fp32 accumulator becomes the gradient; slabs: each slab's rows are
+        # summed in an fp32 buffer, then written into the gradient
+        acc = torch.zeros(min(slab, n), h, dtype=torch.float32, device=dev)
+        gx_dtype = torch.float32 if gx_fp32 else hidden.dtype
+        gx = acc if one_slab else torch.empty(n, h, dtype=gx_dtype, device=dev)
+    # grad_weight rows are written by the first slab's GEMM of their chunk, added to by later ones
     gw = torch.empty(vocab, h, dtype=weight.dtype, device=dev) if needs[1] else None
-    gb = torch.empty(vocab, dtype=bias.dtype, device=dev) if needs[2] else None
+    gb = torch.zeros(vocab, dtype=torch.float32, device=dev) if needs[2] else None
     if n == 0 or not any(needs):
-        for g in (gw, gb):
-            if g is not None:
-                g.zero_()
+        if gw is not None:
+            gw.zero_()
     else:
         cfg = GRAD_CONFIG
         softcap = params.softcap if params.softcap is not None else 1.0
         chunk = chunk_size or default_vocab_chunk(h, vocab)
+        if not one_slab and chunk_size is None:
+            chunk = min(vocab, MIN_VOCAB_CHUNK)  # a small (slab, chunk) logits buffer
         # the logits' gradient is written in their dtype: scaled to a safe range, undone below
         grad_scale, _, norm = normalized_grad_scale(rowterms, grad_scale, hidden.dtype)
         # fp16 grad_weight rows are summed in fp32 and rounded once, at their own scale: at any
@@ -208,37 +247,73 @@ def vocab_chunked_bwd(
         sum_fp32 = half_range(weight.dtype)
         # grad_hidden's rounding errors, moved onto the targets' weight rows (cancel_rounding)
         half = hidden.dtype in HALF_DTYPES
-        err = torch.zeros(n, dtype=torch.float32, device=dev) if half and gx is not None else None
-        err_blocks = None
-        if err is not None:
-            blocks = triton.cdiv(chunk, cfg["BLOCK_V"])
-            err_blocks = torch.empty(blocks, n, dtype=torch.float32, device=dev)
-        for _, c0, z in _chunks(hidden, weight, bias, chunk):
-            c = z.shape[1]
-            grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(c, cfg["BLOCK_V"]))
-            _chunk_grad_kernel[grid](
-                z, labels, rowterms, grad_scale, err_blocks if err is not None else rowterms,
-                n, c, c0, z.stride(0), rowterms.stride(0), int(grad_scale.numel() > 1),
-                params.beta, softcap, params.ignore_index,
-                HAS_SOFTCAP=params.softcap is not None, HAS_ERR=err is not None, **cfg,
-            )  # fmt: skip
-            if err is not None:
-                err += err_blocks[: grid[1]].sum(0)
-            if gw is not None and sum_fp32:
-                torch.mul(mm_fp32(z.t(), hidden), norm, out=gw[c0 : c0 + c])
-            elif gw is not None:
-                torch.mm(z.t(), hidden, out=gw[c0 : c0 + c])
-            if gx is not None:
-                accumulate(gx, z, weight[c0 : c0 + c])
-            if gb is not None:
-                gb[c0 : c0 + c] = z.sum(0, dtype=torch.float32) * norm
-        z = None  # the logits buffer goes before grad_hidden's cast, the peak of the backward
-        if err is not None:
-            cancel_rounding(gx, err, weight, labels)
-        if gx is not None:
-            gx.mul_(norm)
+        err = err_blocks = None
+        if half and acc is not None:
+            err = torch.empty(slab, dtype=torch.float32, device=dev)
+            blocks = triton.cdiv(min(chunk, vocab), cfg["BLOCK_V"])
+            err_blocks = torch.empty(blocks * slab, dtype=torch.float32, device=dev)
+        storage = torch.empty(slab * min(chunk, vocab), dtype=hidden.dtype, device=dev)
+        for s0 in range(0, n, slab):
+            s1 = min(s0 + slab, n)
+            rows = s1 - s0
+            x_s, y_s = hidden[s0:s1], labels[s0:s1]
+            scale_s = grad_scale[s0:s1] if grad_scale.numel() > 1 else grad_scale
+            acc_s = acc[:rows] if acc is not None else None
+            err_s = err[:rows] if err is not None else None
+            if acc_s is not None and not one_slab:
+                acc_s.zero_()
+            if err_s is not None:
+                err_s.zero_()
+            for _, c0, z in _chunks(x_s, weight, bias, chunk, storage):
+                c = z.shape[1]
+                grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(c, cfg["BLOCK_V"]))
+                _chunk_grad_kernel[grid](
+                    z, y_s, rowterms[:, s0:s1], scale_s,
+                    err_blocks if err is not None else rowterms,
+                    rows, c, c0, z.stride(0), rowterms.stride(0), int(scale_s.numel() > 1),
+                    params.beta, softcap, params.ignore_index,
+                    HAS_SOFTCAP=params.softcap is not None, HAS_ERR=err is not None, **cfg,
+                )  # fmt: skip
+                if err_s is not None:  # the kernel's (column blocks, rows) layout
+                    err_s += err_blocks[: grid[1] * rows].view(grid[1], rows).sum(0)
+                if gw is not None:
+                    _weight_grad(gw[c0 : c0 + c], z, x_s, norm, sum_fp32, first=s0 == 0)
+                if acc_s is not None:
+                    accumulate(acc_s, z, weight[c0 : c0 + c])
+                if gb is not None:
+                    gb[c0 : c0 + c] += z.sum(0, dtype=torch.float32)
+            z = None
+            if one_slab:  # the logits buffer goes before grad_hidden's cast, the backward's peak
+                storage = None
+            if err_s is not None:
+                cancel_rounding(acc_s, err_s, weight, y_s)
+            if acc_s is not None:
+                acc_s.mul_(norm)
+                if not one_slab:
+                    gx[s0:s1] = acc_s
         if gw is not None and not sum_fp32:
             gw.mul_(norm)
+        if gb is not None:
+            gb.mul_(norm)
     if gx is not None and not gx_fp32:
         gx = gx.to(hidden.dtype)
+    if gb is not None:
+        gb = gb.to(bias.dtype)
     return gx, gw, gb
+
+
+def _weight_grad(
+    gw: torch.Tensor, z: torch.Tensor, x: torch.Tensor, norm: torch.Tensor, sum_fp32: bool,
+    first: bool,
+) -> None:  # fmt: skip
+    """``gw (=|+=) z.T @ x``: in fp32 and rounded once at the true scale (``* norm``) with
+    ``sum_fp32``, else at the logits' gradient scale (undone once ``gw`` is complete)."""
+    if sum_fp32:
+        if first:
+            torch.mul(mm_fp32(z.t(), x), norm, out=gw)
+        else:
+            gw.add_(mm_fp32(z.t(), x).mul_(norm))
+    elif first:
+        torch.mm(z.t(), x, out=gw)
+    else:
+        gw.addmm_(z.t(), x)
