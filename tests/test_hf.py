@@ -303,13 +303,10 @@ def test_accum_dtype_option(device, monkeypatch):
 
     monkeypatch.setattr(vocab_chunked, "LEAN_SLAB_ROWS", 5)
     slabs = []
-    real_bwd = vocab_chunked.vocab_chunked_bwd
-
-    def bwd(*args, slab_rows=None, **kwargs):
-        slabs.append(slab_rows)
-        return real_bwd(*args, slab_rows=slab_rows, **kwargs)
-
-    monkeypatch.setattr(vocab_chunked, "vocab_chunked_bwd", bwd)
+    real = vocab_chunked.lean_slab_rows
+    monkeypatch.setattr(
+        vocab_chunked, "lean_slab_rows", lambda *args: slabs.append(real(*args)) or slabs[-1]
+    )
     model = tiny_model("gemma2", device, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="accum_dtype"):
         apply_tofu_kernel(model, accum_dtype=torch.int32)
