@@ -17,6 +17,7 @@ from pathlib import Path
 
 from report import auto_choice, publish
 
+# this checkout's table (linear_tofu.AUTO_TABLE is the imported package's, maybe another checkout)
 AUTO_TABLE = Path(__file__).resolve().parent.parent / "tofu_kernels" / "auto_impl.json"
 
 

@@ -14,7 +14,6 @@ output precision can be skipped.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -30,12 +29,11 @@ from tofu_kernels.utils import (
     TOFUParams,
     cancel_rounding,
     check_backward,
-    half_range,
-    headroom,
     interpreting,
-    pow2_near,
+    normalized_grad_scale,
     reduce_loss,
     reduction_scale,
+    rows_gain,
 )
 
 # Launch configs by compute capability major (9: Hopper, 8: Ampere/Ada), as triton.Config
@@ -530,32 +528,6 @@ def fused_tofu_fwd(
     stats ``(4, N)`` and the backward's per-row terms ``(4, N)``. No checks, no autograd."""
     partials = fused_tofu_partials(hidden, weight, labels, bias, params)
     return fused_tofu_merge(partials, labels, weight.shape[0], params)
-
-
-def normalized_grad_scale(
-    rowterms: torch.Tensor, grad_scale: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_scale / norm, wmax / norm, norm)`` for a backward from the merge's per-row terms,
-    all on the device: ``wmax`` is the largest row weight ``g * |grad_scale|`` (a bound on every
-    entry of the logits' gradient) and ``norm`` a power of two near it (1 if it is 0) over
-    :func:`headroom`. The gradient formed in ``dtype`` with the returned scale peaks near the
-    headroom whatever the upstream gradient and the reduction: at a mean's 1/N most fp16
-    entries would be subnormals or zeros (a flat softmax's whole off-target gradient), and a
-    tiny upstream gradient or a confident batch flushes them too. Multiplying the sums back by
-    ``norm`` is exact; sums into an fp16 gradient take a :func:`rows_gain` as well."""
-    n = rowterms.shape[1]
-    wmax = (rowterms[3] * grad_scale.abs().expand(n)).max().reshape(1)
-    norm = pow2_near(wmax) / headroom(dtype)
-    return grad_scale / norm, wmax / norm, norm
-
-
-def rows_gain(rows: int, dtype: torch.dtype) -> float:
-    """Factor for sums over ``rows`` rows of a gradient formed at its headroom that go into a
-    ``dtype`` accumulator: 2^-round(log2 rows) / headroom for fp16 (65504 would overflow), 1
-    otherwise."""
-    if not half_range(dtype):
-        return 1.0
-    return 2.0 ** -round(math.log2(max(rows, 1))) / headroom(dtype)
 
 
 def fused_tofu_bwd(

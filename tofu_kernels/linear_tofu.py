@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tofu_kernels.fused_tofu import FusedParams, FusedTOFUFunction, rows_gain, shard_layout
+from tofu_kernels.fused_tofu import FusedParams, FusedTOFUFunction, shard_layout
 from tofu_kernels.tofu import tofu_fwd, tofu_fwd_torch
 from tofu_kernels.utils import (
     HALF_DTYPES,
@@ -43,6 +43,7 @@ from tofu_kernels.utils import (
     pow2_near,
     reduce_loss,
     reduction_scale,
+    rows_gain,
     use_triton,
 )
 

@@ -124,6 +124,33 @@ def headroom(dtype: torch.dtype) -> float:
     return FP16_HEADROOM if half_range(dtype) else 1.0
 
 
+def normalized_grad_scale(
+    rowterms: torch.Tensor, grad_scale: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_scale / norm, wmax / norm, norm)`` for a backward from the fused merge's per-row
+    terms ``rowterms (4, N)`` (row 3: the focal weight g), all on the device: ``wmax`` is the
+    largest row weight ``g * |grad_scale|`` (a bound on every entry of the logits' gradient) and
+    ``norm`` a power of two near it (1 if it is 0) over :func:`headroom`. The gradient formed in
+    ``dtype`` with the returned scale peaks near the headroom whatever the upstream gradient and
+    the reduction: at a mean's 1/N most fp16 entries would be subnormals or zeros (a flat
+    softmax's whole off-target gradient), and a tiny upstream gradient or a confident batch
+    flushes them too. Multiplying the sums back by ``norm`` is exact; sums into an fp16
+    gradient take a :func:`rows_gain` as well."""
+    n = rowterms.shape[1]
+    wmax = (rowterms[3] * grad_scale.abs().expand(n)).max().reshape(1)
+    norm = pow2_near(wmax) / headroom(dtype)
+    return grad_scale / norm, wmax / norm, norm
+
+
+def rows_gain(rows: int, dtype: torch.dtype) -> float:
+    """Factor for sums over ``rows`` rows of a gradient formed at its headroom that go into a
+    ``dtype`` accumulator: 2^-round(log2 rows) / headroom for fp16 (65504 would overflow), 1
+    otherwise."""
+    if not half_range(dtype):
+        return 1.0
+    return 2.0 ** -round(math.log2(max(rows, 1))) / headroom(dtype)
+
+
 def interpreting() -> bool:
     """True when Triton kernels run on CPU tensors through ``TRITON_INTERPRET=1``."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

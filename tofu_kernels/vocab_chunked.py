@@ -27,7 +27,6 @@ import triton.language as tl
 
 from tofu_kernels.fused_tofu import (
     _NEG_BIG,
-    normalized_grad_scale,
     online_update,
     store_partials,
     tofu_dz,
@@ -40,6 +39,7 @@ from tofu_kernels.utils import (
     cancel_rounding,
     half_range,
     mm_fp32,
+    normalized_grad_scale,
 )
 
 # Launch configs of the two memory-bound kernels over the chunk's logits (not yet timed on a
