@@ -52,15 +52,24 @@ def test_out_of_range_label_is_nan_on_gpu():
 
 
 @pytest.mark.parametrize("impl", ["chunked", "vocab_chunked", "fused"])
-def test_no_host_device_sync_in_the_hot_path(impl):
+def test_no_host_device_sync_in_the_hot_path(impl, monkeypatch):
+    from tofu_kernels import vocab_chunked
+
+    monkeypatch.setattr(vocab_chunked, "LEAN_SLAB_ROWS", 384)  # accum_dtype=None: three slabs
     x = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(32000, 512, device="cuda") / 20).to(torch.bfloat16).requires_grad_(True)
     y = random_labels((1024,), 32000, "cuda", ignored=0.3)
-    fused_linear_tofu_loss(x, w, y, impl=impl).backward()  # compile and cache outside the check
+    for accum in (torch.float32, None):  # compile and cache outside the check
+        fused_linear_tofu_loss(x, w, y, impl=impl, accum_dtype=accum).backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for kwargs in ({}, {"num_items_in_batch": 700}, {"reduction": "none"}):
+        for kwargs in (
+            {},
+            {"num_items_in_batch": 700},
+            {"reduction": "none"},
+            {"accum_dtype": None},
+        ):
             loss = fused_linear_tofu_loss(x, w, y, impl=impl, **kwargs)
             loss.sum().backward()
         logits = (x.detach() @ w.detach().T).requires_grad_(True)
