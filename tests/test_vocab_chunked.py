@@ -82,9 +82,12 @@ def test_no_weight_sized_fp32_buffer_and_frozen_weight(device, monkeypatch):
 
 # accum_dtype=None in half precision runs the backward over token slabs: 23 rows in slabs of 7
 # (three full, one of 2 rows: a short slab's layout of rounding-error sums), chunks of 128 of
-# V = 301 (a short last one), with bias, softcap, ignored rows and a per-token upstream gradient.
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_token_slabs(device, monkeypatch, dtype):
+# V = 301 (a short last one), with bias, softcap, ignored rows and a per-token upstream gradient;
+# and a frozen weight (slabs of grad_hidden only).
+@pytest.mark.parametrize(
+    "dtype,frozen", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)]
+)
+def test_token_slabs(device, monkeypatch, dtype, frozen):
     monkeypatch.setattr(vc_mod, "LEAN_SLAB_ROWS", 7)
     shapes = []
     real_zeros, real_empty = torch.zeros, torch.empty
@@ -99,7 +102,7 @@ def test_token_slabs(device, monkeypatch, dtype):
     monkeypatch.setattr(vc_mod.torch, "zeros", spy(real_zeros))
     monkeypatch.setattr(vc_mod.torch, "empty", spy(real_empty))
     x, w, b, y = make_inputs((23,), 40, 301, dtype, device, bias=True, ignored=0.3)
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+    leaves = [t.detach().clone().requires_grad_(t is not w or not frozen) for t in (x, w, b)]
     opts = dict(softcap=20.0, reduction="none")
     loss = fused_linear_tofu_loss(
         leaves[0], leaves[1], y, bias=leaves[2], impl="vocab_chunked", chunk_size=128,
@@ -110,6 +113,9 @@ def test_token_slabs(device, monkeypatch, dtype):
     ref = linear_oracle(x, w, y, bias=b, gamma=3.0, beta=0.8, grad_output=go, **opts)
     names = ("loss", "x", "w", "b")
     for got, want, name in zip([loss, *(t.grad for t in leaves)], ref, names, strict=True):
+        if name == "w" and frozen:
+            assert got is None
+            continue
         tol = LINEAR_LOSS_RTOL[dtype] if name == "loss" else LINEAR_GRAD_RTOL[dtype]
         assert rel_err(got, want) < tol, (name, rel_err(got, want))
         assert name == "loss" or got.dtype == dtype
