@@ -52,8 +52,10 @@ MIN_VOCAB_CHUNK = 2048
 CHUNK_ALIGN = 256
 # accum_dtype=None in half precision: the backward runs over token slabs of this many rows
 # (grad_hidden summed in a (slab, H) fp32 buffer, grad_weight across slabs in its own dtype),
-# in chunks of MIN_VOCAB_CHUNK columns. At the Llama-3 head (8192 tokens) its temporaries are
-# 32 MB + a 8 MB logits buffer against 128 + 64 MB, below Liger's 63 MB (bench/NOTES.md).
+# in chunks of MIN_VOCAB_CHUNK columns. At the Llama-3 head (8192 tokens, bf16) its temporaries
+# are 32 MB + an 8 MB logits buffer against 128 + 64 MB, below Liger's 63 MB (bench/NOTES.md);
+# fp16 adds a (chunk, H) fp32 temporary (32 MB) to sum each chunk's grad_weight at its scale.
+# Up to LEAN_SLAB_ROWS tokens are one slab, as without slabs.
 LEAN_SLAB_ROWS = 2048
 
 
@@ -212,8 +214,9 @@ def vocab_chunked_bwd(
     ``grad_hidden`` stays fp32 with ``gx_fp32``.
 
     ``slab_rows``: run the tokens in slabs of that many rows (None: all at once). Each slab's
-    ``grad_hidden`` is summed in an fp32 ``(slab_rows, H)`` buffer instead of an ``(N, H)`` one,
-    and ``grad_weight`` is summed across slabs in the weight's dtype: one rounding per slab."""
+    ``grad_hidden`` is summed in an fp32 ``(slab_rows, H)`` buffer instead of an ``(N, H)`` one
+    (unless it is returned in fp32), and ``grad_weight`` is summed across slabs in the weight's
+    dtype: one rounding per slab."""
     n, h = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -222,11 +225,13 @@ def vocab_chunked_bwd(
     one_slab = slab >= n
     gx = acc = None
     if needs[0]:
-        # one slab: the fp32 accumulator becomes the gradient; slabs: each slab's rows are
-        # summed in an fp32 buffer, then written into the gradient
-        acc = torch.zeros(min(slab, n), h, dtype=torch.float32, device=dev)
-        gx_dtype = torch.float32 if gx_fp32 else hidden.dtype
-        gx = acc if one_slab else torch.empty(n, h, dtype=gx_dtype, device=dev)
+        # one slab, or an fp32 result: grad_hidden is its own fp32 accumulator (cast at the end);
+        # else each slab's rows are summed in an fp32 buffer, then written into the gradient
+        if one_slab or gx_fp32:
+            gx = torch.zeros(n, h, dtype=torch.float32, device=dev)
+        else:
+            gx = torch.empty(n, h, dtype=hidden.dtype, device=dev)
+            acc = torch.empty(slab, h, dtype=torch.float32, device=dev)
     # grad_weight rows are written by the first slab's GEMM of their chunk, added to by later ones
     gw = torch.empty(vocab, h, dtype=weight.dtype, device=dev) if needs[1] else None
     gb = torch.zeros(vocab, dtype=torch.float32, device=dev) if needs[2] else None
@@ -248,7 +253,7 @@ def vocab_chunked_bwd(
         # grad_hidden's rounding errors, moved onto the targets' weight rows (cancel_rounding)
         half = hidden.dtype in HALF_DTYPES
         err = err_blocks = None
-        if half and acc is not None:
+        if half and gx is not None:
             err = torch.empty(slab, dtype=torch.float32, device=dev)
             blocks = triton.cdiv(min(chunk, vocab), cfg["BLOCK_V"])
             err_blocks = torch.empty(blocks * slab, dtype=torch.float32, device=dev)
@@ -258,10 +263,10 @@ def vocab_chunked_bwd(
             rows = s1 - s0
             x_s, y_s = hidden[s0:s1], labels[s0:s1]
             scale_s = grad_scale[s0:s1] if grad_scale.numel() > 1 else grad_scale
-            acc_s = acc[:rows] if acc is not None else None
+            acc_s = None
+            if gx is not None:
+                acc_s = gx[s0:s1] if acc is None else acc[:rows].zero_()
             err_s = err[:rows] if err is not None else None
-            if acc_s is not None and not one_slab:
-                acc_s.zero_()
             if err_s is not None:
                 err_s.zero_()
             for _, c0, z in _chunks(x_s, weight, bias, chunk, storage):
@@ -289,7 +294,7 @@ def vocab_chunked_bwd(
                 cancel_rounding(acc_s, err_s, weight, y_s)
             if acc_s is not None:
                 acc_s.mul_(norm)
-                if not one_slab:
+                if acc is not None:
                     gx[s0:s1] = acc_s
         if gw is not None and not sum_fp32:
             gw.mul_(norm)
