@@ -399,7 +399,8 @@ def fused_linear_tofu_loss(
             accumulator) where ``grad_weight`` is accumulated. Smaller chunks save memory, but
             each reads and writes the ``(V, H)`` accumulator once, and the ``grad_weight`` GEMM
             (inner dimension = chunk) becomes memory-bound. For
-            ``impl="vocab_chunked"``: vocabulary columns per chunk (default H, at least 2048).
+            ``impl="vocab_chunked"``: vocabulary columns per chunk (default H, at least 2048;
+            2048 in the token slabs of ``accum_dtype=None``).
         impl: ``"chunked"`` (cuBLAS GEMMs + the Triton TOFU kernel, over chunks of tokens,
             gradients made in forward), ``"vocab_chunked"`` (the same over chunks of vocabulary
             columns, O(N) saved floats, recomputed in backward: each chunk's ``grad_weight``
