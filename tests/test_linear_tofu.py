@@ -584,11 +584,15 @@ def test_fp16_confident_batch_with_loss_scaling(device, impl):
     headroom (2^8): without it grad_hidden was 0.15 off under 2^16 loss scaling."""
     n, vocab, hidden = 64, 512, 16
     # distinct +-1 weight rows and integer logits, exact in fp16: the error is the gradient's
-    # own; a token's hidden state is twice its label's row, so its logit leads by 4 or more
+    # own; a token's hidden state is twice its label's row, so its logit leads by 4 or more.
+    # Labels are drawn among the rows that make a confident token: a row with several 1-bit
+    # neighbours (each a lead of only 4) made an unlucky draw's token p = 0.93.
     codes = torch.randperm(2**hidden, device=device)[:vocab]
     bits = (codes[:, None] >> torch.arange(hidden, device=device)) & 1
     w = (bits * 2 - 1).half()
-    y = torch.randint(0, vocab, (n,), device=device)
+    p_own = torch.softmax(2 * w.double() @ w.double().T, 1).diagonal()
+    confident = torch.nonzero(p_own > 0.95).flatten()
+    y = confident[torch.randint(0, confident.numel(), (n,), device=device)]
     x = w[y] * 2
     z = x.double() @ w.double().T
     assert torch.softmax(z, 1).gather(1, y[:, None]).min() > 0.95
