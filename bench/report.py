@@ -55,28 +55,38 @@ AUTO_CANDIDATES = ("chunked", "vocab_chunked", "fused")
 def auto_choice(rows: list[dict]) -> dict | None:
     """impl="auto"'s picks on this run's card: per regime ("train": with grad_weight, "frozen":
     a LoRA head), the candidate with the least total time over the forward+backward TOFU cases
-    that chunked ran; a candidate that failed or is missing any of them is out. None without a
-    GPU's capability (a CPU run) or without chunked rows."""
+    that chunked ran. A candidate that failed a case (error, oom) or has no row for one is out;
+    a case that some candidate did not reach ("unavailable": the time budget ran out) is left
+    out of the comparison instead. None without a GPU's capability (a CPU run) or without
+    chunked rows."""
     if not rows or rows[0].get("versions", {}).get("capability") is None:
         return None
     choice = {}
     for regime, weight_grad in (("train", True), ("frozen", False)):
-        times: dict[str, dict] = {impl: {} for impl in AUTO_CANDIDATES}
+        # the last row of each (candidate, case) counts: a run completed with --cases adds rows
+        last: dict[str, dict] = {impl: {} for impl in AUTO_CANDIDATES}
         for r in rows:
             provider, _, impl = r["provider"].partition("/")
             if (
                 provider == "tofu_kernels"
-                and impl in times
+                and impl in last
                 and r["loss"] == "tofu"
                 and r["mode"] == "fwd_bwd"
                 and r["weight_grad"] == weight_grad
-                and r["status"] == "ok"
             ):
-                times[impl][(r["case"], r["tokens"])] = r["ms"]
-        cases = set(times["chunked"])
-        ran = {impl: t for impl, t in times.items() if cases and cases <= set(t)}
+                last[impl][(r["case"], r["tokens"])] = r
+        status = {impl: {c: r["status"] for c, r in by.items()} for impl, by in last.items()}
+        skipped = {c for by in status.values() for c, st in by.items() if st == "unavailable"}
+        cases = {c for c, st in status["chunked"].items() if st == "ok"} - skipped
+        ran = {
+            impl: {c: last[impl][c]["ms"] for c in cases}
+            for impl, by in status.items()
+            if cases
+            and all(st in ("ok", "unavailable") for st in by.values())
+            and all(by.get(c) == "ok" for c in cases)
+        }
         if ran:
-            choice[regime] = min(ran, key=lambda impl: sum(ran[impl][c] for c in cases))
+            choice[regime] = min(ran, key=lambda impl: sum(ran[impl].values()))
     if not choice:
         return None
     return {"capability": rows[0]["versions"]["capability"], "device": rows[0]["device"], **choice}
@@ -288,15 +298,32 @@ def write_reports(
     return head
 
 
+def _measured(rows: list[dict]) -> set:
+    return {
+        (r["provider"], r["loss"], r["case"], r["tokens"], r["mode"], r["weight_grad"], r["ms"])
+        for r in rows
+        if r["status"] == "ok"
+    }
+
+
 def publish(src: Path, dest: Path) -> list[Path]:
     """Copy a run's files from ``src`` as ``dest/<card>-<yyyymmdd>.{json,md}`` and ``-<plot>.png``.
 
-    The card and the date come from the rows, so copies made later keep the run's own.
+    The card and the date come from the rows, so copies made later keep the run's own. Another
+    run on the same card and day gets ``<card>-<yyyymmdd>-2`` (``-3``, ...): published results
+    are never overwritten, except by the same run again (every measurement of the published
+    copy still in it, e.g. completed by ``run.py --cases``).
     """
     rows = json.loads((src / "results.json").read_text())
     if not rows:
         raise ValueError(f"{src / 'results.json'} has no rows")
-    prefix = f"{card_slug(rows[0]['device'])}-{rows[0]['date'].replace('-', '')}"
+    base = f"{card_slug(rows[0]['device'])}-{rows[0]['date'].replace('-', '')}"
+    prefix, n = base, 1
+    while (dest / f"{prefix}.json").exists() and not (
+        _measured(json.loads((dest / f"{prefix}.json").read_text())) <= _measured(rows)
+    ):
+        n += 1
+        prefix = f"{base}-{n}"
     dest.mkdir(parents=True, exist_ok=True)
     paths = [dest / f"{prefix}.json"]
     shutil.copyfile(src / "results.json", paths[0])

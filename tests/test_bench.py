@@ -141,6 +141,30 @@ def test_reports_and_published_copies(smoke):
     assert {f"{prefix}-{p.name}" for p in pngs} <= names
 
 
+def test_publish_never_overwrites_another_run(smoke, tmp_path, monkeypatch):
+    """A second run on the same card and day is published as <prefix>-2; the same run again
+    (here with one more row, as run.py --cases completes it) replaces its own copy."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    report = importlib.import_module("report")
+    out, _, rows = smoke
+    dest = tmp_path / "results"
+    first = report.publish(out, dest)[0]
+    other = tmp_path / "other"
+    other.mkdir()
+    changed = [dict(r, ms=r["ms"] + 1.0) if r["status"] == "ok" else r for r in rows]
+    (other / "results.json").write_text(json.dumps(changed))
+    (other / "results.md").write_text("other run")
+    second = report.publish(other, dest)[0]
+    assert second.name == first.name.replace(".json", "-2.json")
+    assert json.loads(first.read_text()) == rows  # untouched
+    (out / "results.json").write_text(json.dumps(rows + [dict(rows[0], case="extra")]))
+    try:
+        assert report.publish(out, dest)[0] == first  # the same run, completed: in place
+    finally:
+        (out / "results.json").write_text(json.dumps(rows))
+    assert len(json.loads(first.read_text())) == len(rows) + 1
+
+
 def test_report_only_rebuilds_from_json(smoke, tmp_path):
     """A run whose machine lacked matplotlib (or was killed) is reported from results.json."""
     out, _, rows = smoke
@@ -275,7 +299,8 @@ def test_cases_option_runs_only_those(tmp_path):
 
 def test_auto_choice_and_its_record(monkeypatch, tmp_path):
     """impl="auto"'s picks come from a GPU run's rows: per regime the least total time over the
-    cases chunked ran; a candidate that failed any of them is out; a CPU run picks nothing.
+    cases chunked ran; a candidate that failed any of them is out, a case cut by the time budget
+    is left out; a CPU run picks nothing.
     publish.py --auto keeps other capabilities' entries, and the library follows the table."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     report = importlib.import_module("report")
@@ -300,6 +325,9 @@ def test_auto_choice_and_its_record(monkeypatch, tmp_path):
     }  # fmt: skip
     rows.append(row("vocab_chunked", "b", 11.0))  # a later row of the same case wins: 19 < 20
     assert report.auto_choice(rows)["train"] == "vocab_chunked"
+    # the time budget ran out after chunked's row of a case: that case is left out, no one is
+    cut = rows + [row("chunked", "c", 1.0), row("vocab_chunked", "c", None, status="unavailable")]
+    assert report.auto_choice(cut)["train"] == "vocab_chunked"
     assert report.auto_choice([dict(r, versions={"capability": None}) for r in rows]) is None
 
     table = tmp_path / "auto_impl.json"
