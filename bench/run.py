@@ -402,7 +402,7 @@ def environment() -> dict:
 
 
 def run(preset: Preset, providers: list[Provider], budget_s: float | None, out: Path) -> list[dict]:
-    """Every case, every provider; results.json is rewritten after each case (a killed run
+    """Every case, every provider; results.json is rewritten after each row (a killed run
     keeps what it measured)."""
     env = environment()
     deadline = time.monotonic() + budget_s if budget_s else math.inf
@@ -457,10 +457,10 @@ def run(preset: Preset, providers: list[Provider], budget_s: float | None, out: 
                     row.update(loss_value=None, ref_loss=None)
                     row["note"] = row["note"] or "the same GEMMs for every loss"
                 rows.append(_complete(row))
+                write_json(rows, out)
                 print(_progress(rows[-1]), flush=True)
         del inputs
         _free()
-        write_json(rows, out)
         print(f"# {case.name} {case.tokens} tokens: {time.monotonic() - started:.1f} s", flush=True)
     return rows
 

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if harness.DEVICE == "cpu":
             parser.error("the h100 cases need a CUDA device (use --smoke on CPU)")
         case = next(c for c in preset.cases if (c.name, c.tokens) == (args.case, args.tokens))
+    env = harness.environment()
     inputs = harness.make_inputs(case, preset.rotate)
     ref = harness.reference_losses(inputs)["tofu"]
     rows = []
@@ -94,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         row.update(wall_s=time.monotonic() - start, variant=name, impl=impl)
         row["options"] = {k: str(v) for k, v in options.items()}
         rows.append(row)
+        if args.out is not None:  # after every row: a call cut short keeps what it measured
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "sweep.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
         print(harness._progress(dict(row, case=case.name, tokens=case.tokens, provider=name,
                                      loss="tofu")), flush=True)  # fmt: skip
-    env = harness.environment()
     lines = [
         f"{env['device']}, torch {env['torch']}, triton {env['triton']}: {case.name}, "
         f"{case.tokens} tokens, TOFU fwd+bwd",
@@ -108,9 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         num = [f"{r[k]:.2f}" if r[k] is not None else "" for k in ("ms", "ms_p20", "ms_p80")]
         mem = f"{r['peak_mem_mb']:,.0f}" if r["peak_mem_mb"] is not None else ""
         lines.append(f"| {r['variant']} | {' | '.join(num)} | {mem} | {r['status']} |")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sweep.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     print("\n".join(lines))
     return 0
 
