@@ -318,9 +318,9 @@ def publish(src: Path, dest: Path) -> list[Path]:
     if not rows:
         raise ValueError(f"{src / 'results.json'} has no rows")
     base = f"{card_slug(rows[0]['device'])}-{rows[0]['date'].replace('-', '')}"
-    prefix, n = base, 1
+    prefix, n, measured = base, 1, _measured(rows)
     while (dest / f"{prefix}.json").exists() and not (
-        _measured(json.loads((dest / f"{prefix}.json").read_text())) <= _measured(rows)
+        _measured(json.loads((dest / f"{prefix}.json").read_text())) <= measured
     ):
         n += 1
         prefix = f"{base}-{n}"
