@@ -146,6 +146,22 @@ def rel_err(actual, expected) -> float:
     return ((actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
 
 
+def slab_rows_seen(monkeypatch) -> list:
+    """The answers of vocab_chunked.lean_slab_rows, one per vocab_chunked backward: whether
+    (and with how many rows) its token slabs ran."""
+    from tofu_kernels import vocab_chunked
+
+    seen = []
+    real = vocab_chunked.lean_slab_rows
+
+    def record(*args):
+        seen.append(real(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(vocab_chunked, "lean_slab_rows", record)
+    return seen
+
+
 def shared_direction_head(rows, vocab, hidden, dtype, device, common=1.0):
     """``(hidden_states, weight)`` of a flat softmax (logits spread ~0.3) over weight rows that
     share a direction ``common`` times a standard normal one, as a trained head's rows do: the

@@ -19,6 +19,7 @@ from helpers import (
     random_labels,
     random_logits,
     shared_direction_head,
+    slab_rows_seen,
 )
 from tofu_kernels import fused_linear_tofu_loss, tofu_loss
 
@@ -125,11 +126,7 @@ def test_fused_linear_llama3_head_bf16_against_oracle(impl, accum_dtype, frozen,
     """The Llama-3-8B head: 8192 tokens, H=4096, V=128256, bf16, 30% of labels ignored."""
     from tofu_kernels import vocab_chunked
 
-    slabs = []
-    real = vocab_chunked.lean_slab_rows
-    monkeypatch.setattr(
-        vocab_chunked, "lean_slab_rows", lambda *args: slabs.append(real(*args)) or slabs[-1]
-    )
+    slabs = slab_rows_seen(monkeypatch)
     n, h, v = 8192, 4096, LLAMA3_VOCAB
     x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
     w = (torch.randn(v, h, device="cuda") * 3 / h**0.5).to(torch.bfloat16)

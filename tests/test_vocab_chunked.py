@@ -47,9 +47,8 @@ def test_default_chunk():
     assert vc_mod.default_vocab_chunk(4000, 10**6) % vc_mod.CHUNK_ALIGN == 0
 
 
-def test_no_weight_sized_fp32_buffer_and_frozen_weight(device, monkeypatch):
-    """grad_weight rows are written once per chunk in the weight's dtype: nothing (V, H) in fp32
-    is allocated; a frozen weight gets no grad_weight GEMM at all."""
+def spy_allocations(monkeypatch) -> list:
+    """The (shape, dtype) of every torch.zeros / torch.empty the vocab_chunked module makes."""
     shapes = []
     for name in ("zeros", "empty"):
         real = getattr(torch, name)
@@ -59,6 +58,13 @@ def test_no_weight_sized_fp32_buffer_and_frozen_weight(device, monkeypatch):
             return _real(*size, dtype=dtype, **kwargs)
 
         monkeypatch.setattr(vc_mod.torch, name, spy)
+    return shapes
+
+
+def test_no_weight_sized_fp32_buffer_and_frozen_weight(device, monkeypatch):
+    """grad_weight rows are written once per chunk in the weight's dtype: nothing (V, H) in fp32
+    is allocated; a frozen weight gets no grad_weight GEMM at all."""
+    shapes = spy_allocations(monkeypatch)
     mm_outs = []  # the out= shapes of every GEMM
     for name in ("mm", "addmm"):
         real = getattr(torch, name)
@@ -89,18 +95,7 @@ def test_no_weight_sized_fp32_buffer_and_frozen_weight(device, monkeypatch):
 )
 def test_token_slabs(device, monkeypatch, dtype, frozen):
     monkeypatch.setattr(vc_mod, "LEAN_SLAB_ROWS", 7)
-    shapes = []
-    real_zeros, real_empty = torch.zeros, torch.empty
-
-    def spy(real):
-        def alloc(*size, dtype=None, **kwargs):
-            shapes.append((tuple(size), dtype))
-            return real(*size, dtype=dtype, **kwargs)
-
-        return alloc
-
-    monkeypatch.setattr(vc_mod.torch, "zeros", spy(real_zeros))
-    monkeypatch.setattr(vc_mod.torch, "empty", spy(real_empty))
+    shapes = spy_allocations(monkeypatch)
     x, w, b, y = make_inputs((23,), 40, 301, dtype, device, bias=True, ignored=0.3)
     leaves = [t.detach().clone().requires_grad_(t is not w or not frozen) for t in (x, w, b)]
     opts = dict(softcap=20.0, reduction="none")
