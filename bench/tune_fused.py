@@ -5,14 +5,15 @@ per-architecture defaults (``FWD_CONFIGS`` / ``BWD_CONFIGS`` in ``tofu_kernels/f
                                [--out DIR]
 
 Times, with ``triton.testing.do_bench``: the cuBLAS logits GEMM (the scale), the default
-backward broken down (each gradient alone, fp32 or bf16 ``grad_weight`` atomics), the forward
-(partials + merge) for each of ``TUNE_FWD``, and the backward (grad_hidden and grad_weight, fp32
-and bf16 ``grad_weight`` accumulation) for each of ``TUNE_BWD``. A config that does not fit the
-card (shared memory, registers) is a row with its error, and one whose output differs from the
-default config's by more than 2e-2 of the largest value a "mismatch" row. Prints a table per
-kernel, fastest first, and writes ``DIR/tune.json``. On CPU (``--smoke``) it runs two
-candidates of each at tiny shapes through the interpreter: the timings mean nothing there, the
-script is what is tested.
+backward broken down (both gradients, then each alone, fp32 or bf16 ``grad_weight`` atomics),
+the backward (grad_hidden and grad_weight, fp32 and bf16 ``grad_weight`` accumulation) for each
+of ``TUNE_BWD_TMA`` (bulk tensor reductions, first: a short budget reaches them) and
+``TUNE_BWD``, and the forward (partials + merge) for each of ``TUNE_FWD``. A config that does
+not fit the card (shared memory, registers) is a row with its error, and one whose output
+differs from the default config's by more than 2e-2 of the largest value a "mismatch" row.
+Prints a table per kernel, fastest first, and writes ``DIR/tune.json``. On CPU (``--smoke``)
+it runs two candidates of each at tiny shapes through the interpreter: the timings mean nothing
+there, the script is what is tested.
 """
 
 from __future__ import annotations
@@ -90,20 +91,23 @@ def tune(args: argparse.Namespace) -> dict:
         x, w, y, None, rowterms, scale, params, (True, False, False)
     )[0]
     # Where the default backward's time goes (the first H100 run: 118 ms against ~36 for its
-    # GEMM work): each gradient alone, and grad_weight's atomics in fp32 or in bf16.
+    # GEMM work): both gradients with grad_weight's atomics in fp32 or in bf16, then (after
+    # the bulk-reduction candidates, which a short budget must reach) each gradient alone.
     parts = [
+        ("both, fp32 atomics", (True, True, False), True),
+        ("both, bf16 atomics", (True, True, False), False),
         ("grad_hidden only", (True, False, False), True),
         ("grad_weight only, fp32 atomics", (False, True, False), True),
         ("grad_weight only, bf16 atomics", (False, True, False), False),
-        ("both, fp32 atomics", (True, True, False), True),
     ]
-    for what, needs, acc in parts:
+
+    def breakdown(what: str, needs: tuple[bool, bool, bool], accum_fp32: bool) -> None:
         row = {"what": what, "ms": None, "status": "ok"}
         if time.monotonic() > deadline:
             row["status"] = "skipped: budget"
         else:
-            fn = lambda n=needs, a=acc: fused_tofu.fused_tofu_bwd(  # noqa: E731
-                x, w, y, None, rowterms, scale, params, n, None, a
+            fn = lambda: fused_tofu.fused_tofu_bwd(  # noqa: E731
+                x, w, y, None, rowterms, scale, params, needs, None, accum_fp32
             )
             try:
                 fn()
@@ -112,15 +116,26 @@ def tune(args: argparse.Namespace) -> dict:
                 row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
         result["breakdown"].append(row)
         print("breakdown", row, flush=True)
-    candidates = fused_tofu.TUNE_FWD, fused_tofu.TUNE_BWD
+
+    for part in parts[:2]:
+        breakdown(*part)
+    candidates = fused_tofu.TUNE_FWD, fused_tofu.TUNE_BWD_TMA + fused_tofu.TUNE_BWD
     if args.smoke:
         candidates = tuple(c[:2] for c in candidates)
-    runs = [("fwd", c, None) for c in candidates[0]]
-    runs += [("bwd", c, accum) for c in candidates[1] for accum in (True, False)]
-    for kind, config, accum_fp32 in runs:
+    runs = [("bwd", c, accum) for c in candidates[1] for accum in (True, False)]
+    runs += [("fwd", c, None) for c in candidates[0]]
+    for i, (kind, config, accum_fp32) in enumerate(runs):
+        if i == 2 * len(fused_tofu.TUNE_BWD_TMA):  # the bulk-reduction rows have had their turn
+            for part in parts[2:]:
+                breakdown(*part)
         row = dict(config, status="ok", ms=None)
         if accum_fp32 is not None:
             row["grad_weight_accum"] = "fp32" if accum_fp32 else "bf16"
+            # what the launcher really does here (no bulk reductions before sm_90)
+            bulk = config.get("TMA_REDUCE") and fused_tofu.bulk_reduce_ok(
+                x.device, h, torch.float32 if accum_fp32 else dtype
+            )
+            row["adds"] = "bulk (TMA)" if bulk else "atomics"
         if time.monotonic() > deadline:
             row["status"] = "skipped: budget"
             result[kind].append(row)
@@ -161,16 +176,18 @@ def report(result: dict) -> str:
     for kind in ("fwd", "bwd"):
         lines += [
             "",
-            f"| {kind} | BLOCK_N | BLOCK_V | BLOCK_K | GROUP_N | warps | stages | accum | ms |",
+            f"| {kind} | BLOCK_N | BLOCK_V | BLOCK_K | GROUP_N | warps | stages | accum | adds "
+            "| ms |",
         ]
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         rows = sorted(result[kind], key=lambda r: (r["ms"] is None, r["ms"] or 0.0))
         for r in rows:
             ms = f"{r['ms']:.2f}" if r["status"] == "ok" else r["status"]
             lines.append(
                 f"| {kind} | {r['BLOCK_N']} | {r['BLOCK_V']} | {r['BLOCK_K']} | {r['GROUP_N']} "
                 f"| {r['num_warps']} "
-                f"| {r['num_stages']} | {r.get('grad_weight_accum', '')} | {ms} |"
+                f"| {r['num_stages']} | {r.get('grad_weight_accum', '')} "
+                f"| {r.get('adds', '')} | {ms} |"
             )
     return "\n".join(lines)
 

@@ -109,25 +109,36 @@ def fused_kernel_specs(capability: tuple[int, int]):
         yield name, fused_tofu._fused_fwd_kernel, signature, {**flags, **fwd_cfg}, fwd_opts
         # (grads asked for, grad_weight accumulator): fp32, or the weight's dtype (atomics in
         # bf16/fp16: accum_dtype=None)
-        variants = [((True, True, True), "*fp32")]
+        variants = [((True, True, True), "*fp32", False)]
         if ty != "*fp32" and extras:
-            variants.append(((True, True, True), ty))
+            variants.append(((True, True, True), ty, False))
         if ty == "*bf16" and extras:
-            variants += [((True, False, False), "*fp32"), ((False, True, False), ty)]
-        for grads, gw_ty in variants:
+            variants += [((True, False, False), "*fp32", False), ((False, True, False), ty, False)]
+        if capability[0] >= 9 and extras:  # bulk tensor reductions: TMA, sm_90 on
+            variants += [(grads, gw_ty, True) for grads, gw_ty, _ in variants[:2]]
+        for grads, gw_ty, tma in variants:
             signature = {
                 "x_ptr": ty, "w_ptr": ty, "b_ptr": ty, "labels_ptr": "*i64",
                 "rowterm_ptr": "*fp32", "scale_ptr": "*fp32", "wmax_ptr": "*fp32",
                 "gx_ptr": "*fp32", "gw_ptr": gw_ty, "gb_ptr": "*fp32", "err_ptr": "*fp32",
+                "gx_desc": "constexpr", "gw_desc": "constexpr",
                 "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i64", "stride_wv": "i64",
                 "stride_rt": "i32", "stride_scale": "i32", "beta": "fp32", "softcap": "fp32",
                 "ignore_index": "i32", "filter_eps": "fp32", "gw_gain": "fp32",
             }  # fmt: skip
             gflags = dict(zip(("GRAD_X", "GRAD_W", "GRAD_B"), grads, strict=True))
             gflags["ROW_ERR"] = grads[0] and ty != "*fp32"
+            gflags["TMA_REDUCE"] = tma
+            descs = {"gx_desc": None, "gw_desc": None}
+            if tma:  # the launcher's boxes: (BLOCK_N or BLOCK_V, BLOCK_K) accumulator tiles
+                k = bwd_cfg["BLOCK_K"]
+                signature["gx_desc"] = f"tensordesc<fp32[{bwd_cfg['BLOCK_N']},{k}]>"
+                signature["gw_desc"] = f"tensordesc<{gw_ty[1:]}[{bwd_cfg['BLOCK_V']},{k}]>"
+                descs = {}
             signature.update({k: "constexpr" for k in (*flags, *gflags, *bwd_cfg)})
-            name = f"fused_bwd[{ty} bias/softcap={extras} grads={grads} gw={gw_ty}]"
-            constexprs = {**flags, **gflags, **bwd_cfg}
+            name = f"fused_bwd[{ty} bias/softcap={extras} grads={grads} gw={gw_ty}"
+            name += " tma]" if tma else "]"
+            constexprs = {**descs, **flags, **gflags, **bwd_cfg}
             yield name, fused_tofu._fused_bwd_kernel, signature, constexprs, bwd_opts
     signature = {
         "part_ptr": "*fp32", "labels_ptr": "*i64", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
@@ -201,6 +212,8 @@ def compile_one(job: tuple[int, int, bool]) -> tuple[str, str | None]:
     )
     if kernel.metadata.shared > SHARED_LIMIT[target.arch]:
         return line, f"FAIL {label}: {kernel.metadata.shared} B of shared memory"
+    if "tma]" in name and "cp.reduce.async.bulk.tensor" not in kernel.asm["ptx"]:
+        return line, f"FAIL {label}: TMA_REDUCE compiled without bulk tensor reductions"
     if aligned and name.startswith(PIPELINED) and "cp.async" not in kernel.asm["ptx"]:
         # unpipelined, every K step waits on its loads: the GEMM would run at a fraction of peak
         return line, f"FAIL {label}: K loop not pipelined (no cp.async)"
@@ -212,8 +225,8 @@ def main() -> int:
     os.environ.update(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1")
     jobs = [
         (i, t, aligned)
-        for i in range(len(all_specs((9, 0))))
-        for t in range(len(TARGETS))
+        for t, target in enumerate(TARGETS)
+        for i in range(len(all_specs(divmod(target.arch, 10))))
         for aligned in (True, False)
     ]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

@@ -248,7 +248,10 @@ def test_tune_fused_smoke(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "tune.json").read_text())
-    assert len(result["fwd"]) == 2 and len(result["bwd"]) == 4 and len(result["breakdown"]) == 4
+    assert len(result["fwd"]) == 2 and len(result["bwd"]) == 4 and len(result["breakdown"]) == 5
+    # the bulk-reduction candidate first; the interpreter here has none, so it ran atomics
+    assert [r.get("TMA_REDUCE", False) for r in result["bwd"]] == [True, True, False, False]
+    assert {r["adds"] for r in result["bwd"]} == {"atomics"}
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in result["breakdown"])
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in result["fwd"] + result["bwd"])
     assert "| bwd |" in (tmp_path / "tune.md").read_text()

@@ -253,6 +253,36 @@ def test_grouped_program_order(device, monkeypatch, group_n):
     compare(x, w, b, y, grads, ref, torch.float16)
 
 
+@pytest.mark.parametrize(
+    "dtype,accum_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, None)],
+)
+def test_bulk_reduce_adds_what_the_atomics_add(device, monkeypatch, dtype, accum_dtype):
+    """TMA_REDUCE: whole-tile bulk adds give the atomics' gradients (bit for bit on CPU, where
+    both add in program order), with boxes overhanging the last token block, vocabulary tile
+    and K step (the hardware drops what falls outside; so does conftest's interpreter stand-in),
+    two grad_hidden token slabs in half precision, bias, softcap, ignored rows."""
+    h = 72  # rows of 16-byte multiples in fp32 and fp16; 2 (bf16/fp16) or 3 (fp32) K steps
+    x, w, b, y = make_inputs((300,), h, 300, dtype, device, bias=True)
+    monkeypatch.setattr(fused_mod, "GX_SLAB_ELEMS", 1)  # slabs of ROW_ALIGN = 256 rows
+    kwargs = dict(softcap=20.0, gamma=2.0, beta=0.7, accum_dtype=accum_dtype)
+    atomics = run(x, w, b, y, **kwargs)
+    boxes = []
+    real = fused_mod._reduce_descriptors
+    monkeypatch.setattr(fused_mod, "_reduce_descriptors",
+                        lambda *a: boxes.append(real(*a)) or boxes[-1])  # fmt: skip
+    monkeypatch.setitem(fused_mod.BWD_CONFIGS, 9, {**fused_mod.BWD_CONFIGS[9], "TMA_REDUCE": True})
+    bulk = run(x, w, b, y, **kwargs)
+    ref = linear_oracle(x, w, y, bias=b, gamma=2.0, beta=0.7, softcap=20.0)
+    compare(x, w, b, y, bulk, ref, dtype)
+    if device == "cpu":
+        assert len(boxes) == (2 if dtype != torch.float32 else 1)  # one launch per slab
+        assert all(d is not None for pair in boxes for d in pair)
+        for got, want in zip(bulk, atomics, strict=True):
+            assert torch.equal(got, want)
+    assert not fused_mod.bulk_reduce_ok(torch.device(device), 36, torch.bfloat16)  # 72-byte rows
+
+
 def test_tile_filtering_keeps_many_small_entries(device):
     """A nearly flat softmax over 8192 columns: every non-target entry (~g / V) is under
     2^-12 * g, yet together they make grad_hidden. The rows share a common direction c in the

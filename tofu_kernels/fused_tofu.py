@@ -5,7 +5,8 @@ Forward: programs over (token block, vocabulary split) compute logits tiles with
 and keep, per row, the online max and every sum TOFU needs; a merge kernel combines the splits into
 the loss, the focal weight and the per-row softmax terms (O(N) floats). Backward: programs over
 (token block, vocabulary block) recompute their logits tile, form ``g * (softmax(z / beta) -
-onehot) * scale`` in registers and add ``dZ @ W`` and ``dZ^T @ X`` with atomics: into fp32
+onehot) * scale`` in registers and add ``dZ @ W`` and ``dZ^T @ X`` with atomics (or, opt-in on
+sm_90, bulk tensor reductions of whole tiles: ``TMA_REDUCE``): into fp32
 ``grad_hidden`` (one token slab at a time) and into ``grad_weight``, fp32 or, with
 ``accum_fp32=False``, the gradient itself in the weight's dtype. Work whose gradient is below the
 output precision can be skipped.
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tofu_kernels.tofu import _cap, tofu_row_terms
 from tofu_kernels.utils import (
@@ -77,6 +79,12 @@ TUNE_BWD = [
                               (256, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3))
 ]  # fmt: skip
 TUNE_BWD.append({**BWD_CONFIGS[9], "GROUP_N": UNGROUPED})
+# "TMA_REDUCE": True (sm_90 and later) adds each backward tile into grad_hidden and grad_weight
+# with one bulk tensor reduction (cp.reduce.async.bulk.tensor) instead of per-thread atomics.
+# The backward is bound by its atomic traffic (bench/NOTES.md); whether L2 takes bulk adds
+# faster is for bench/tune_fused.py to measure, so no table sets it yet. Not an autotuning
+# candidate: its descriptors' boxes are made for the launch's config.
+TUNE_BWD_TMA = [{**BWD_CONFIGS[9], "TMA_REDUCE": True}]
 # Forward vocabulary splits are whole multiples of this many columns, so that the split layout
 # (and the partials buffer) does not depend on the config's BLOCK_V.
 SPLIT_ALIGN = 256
@@ -302,6 +310,9 @@ def _fused_bwd_kernel(
     # grad_hidden sums, fp32 (N,); all contiguous
     x_ptr, w_ptr, b_ptr, labels_ptr, rowterm_ptr, scale_ptr, wmax_ptr, gx_ptr, gw_ptr, gb_ptr,
     err_ptr,
+    # with TMA_REDUCE, tensor descriptors of the grad_hidden and grad_weight accumulators, in
+    # (BLOCK_N | BLOCK_V, BLOCK_K) boxes; None for a gradient not asked for
+    gx_desc, gw_desc,
     # sizes and strides
     N, V, H, stride_xn, stride_wv, stride_rt, stride_scale,
     # TOFU parameters, filtering threshold (0 keeps everything that is not exactly 0), the factor
@@ -311,7 +322,7 @@ def _fused_bwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GRAD_X: tl.constexpr,
     GRAD_W: tl.constexpr, GRAD_B: tl.constexpr, ROW_ERR: tl.constexpr, UPCAST: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_N: tl.constexpr,
+    GROUP_N: tl.constexpr, TMA_REDUCE: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_v = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -360,22 +371,28 @@ def _fused_bwd_kernel(
                 if GRAD_X:
                     w = _load_rows(w_ptr, cols64, stride_wv, col_mask, k, ks, k_mask, UPCAST)
                     gx = _dot(dz_in, w, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), IEEE)
-                    tl.atomic_add(
-                        gx_ptr + rows64[:, None] * H + (k + ks)[None, :],
-                        gx,
-                        mask=row_mask[:, None] & k_mask[None, :],
-                        sem="relaxed",
-                    )
+                    if TMA_REDUCE:  # one bulk add of the tile, done in L2; none out of bounds
+                        gx_desc.atomic_add([pid_n * BLOCK_N, k], gx)
+                    else:
+                        tl.atomic_add(
+                            gx_ptr + rows64[:, None] * H + (k + ks)[None, :],
+                            gx,
+                            mask=row_mask[:, None] & k_mask[None, :],
+                            sem="relaxed",
+                        )
                 if GRAD_W:
                     x = _load_rows(x_ptr, rows64, stride_xn, row_mask, k, ks, k_mask, UPCAST)
                     gw = _dot(tl.trans(dz_in), x, tl.zeros((BLOCK_V, BLOCK_K), tl.float32), IEEE)
-                    gw = gw * gw_gain
-                    tl.atomic_add(
-                        gw_ptr + cols64[:, None] * H + (k + ks)[None, :],
-                        gw.to(gw_ptr.dtype.element_ty),
-                        mask=col_mask[:, None] & k_mask[None, :],
-                        sem="relaxed",
-                    )
+                    gw = (gw * gw_gain).to(gw_ptr.dtype.element_ty)
+                    if TMA_REDUCE:
+                        gw_desc.atomic_add([pid_v * BLOCK_V, k], gw)
+                    else:
+                        tl.atomic_add(
+                            gw_ptr + cols64[:, None] * H + (k + ks)[None, :],
+                            gw,
+                            mask=col_mask[:, None] & k_mask[None, :],
+                            sem="relaxed",
+                        )
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -437,6 +454,33 @@ def _tuned(kernel, configs: tuple, reset: tuple):
 def _grid(rows: int, vocab: int):
     """The backward's 1-D grid: token blocks times vocabulary tiles of the config."""
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(vocab, meta["BLOCK_V"]),)
+
+
+def bulk_reduce_ok(device: torch.device, h: int, gw_dtype: torch.dtype) -> bool:
+    """Whether the backward can add its tiles by bulk tensor reductions (TMA, sm_90 and later;
+    under the interpreter only where it implements them): the accumulators' rows must start on
+    16-byte boundaries."""
+    if h * 4 % 16 or h * gw_dtype.itemsize % 16:
+        return False
+    if interpreting():
+        from triton.runtime.interpreter import InterpreterBuilder
+
+        return hasattr(InterpreterBuilder, "create_descriptor_reduce")
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _reduce_descriptors(
+    tma: bool, gx: torch.Tensor | None, gw: torch.Tensor | None, cfg: dict
+) -> tuple[TensorDescriptor | None, TensorDescriptor | None]:
+    """The backward's ``gx_desc, gw_desc`` arguments: descriptors of the (rows, H) accumulators
+    in the config's tile boxes with ``tma``, else None."""
+
+    def desc(t: torch.Tensor | None, rows: int) -> TensorDescriptor | None:
+        if not tma or t is None:
+            return None
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, cfg["BLOCK_K"]])
+
+    return desc(gx, cfg.get("BLOCK_N")), desc(gw, cfg.get("BLOCK_V"))
 
 
 def _launcher(kernel, table: dict, candidates: list, x: torch.Tensor, reset: tuple = ()):
@@ -571,6 +615,7 @@ def fused_tofu_bwd(
             _fused_bwd_kernel, BWD_CONFIGS, TUNE_BWD, hidden,
             ("gx_ptr", "gw_ptr", "gb_ptr", "err_ptr"),
         )  # fmt: skip
+        tma = cfg.pop("TMA_REDUCE", False) and bulk_reduce_ok(hidden.device, h, w_acc)
         # grad_hidden's rounding errors, moved onto the targets' weight rows (cancel_rounding)
         row_err = needs[0] and hidden.dtype in HALF_DTYPES
         slab = n
@@ -592,13 +637,14 @@ def fused_tofu_bwd(
                 hidden[s:e], weight, bias if bias is not None else weight, labels[s:e],
                 rowterms[:, s:e], grad_scale[s:e] if row_scale else grad_scale, wmax, gx_acc,
                 gw if gw is not None else dummy, gb if gb is not None else dummy, err,
+                *_reduce_descriptors(tma, gx_acc if needs[0] else None, gw, cfg),
                 e - s, vocab, h, hidden.stride(0), weight.stride(0), rowterms.stride(0),
                 int(row_scale), params.beta,
                 params.softcap if params.softcap is not None else 1.0, params.ignore_index,
                 float(filter_eps), gain,
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None,
                 GRAD_X=needs[0], GRAD_W=needs[1], GRAD_B=needs[2], ROW_ERR=row_err,
-                **_dot_flags(hidden.dtype), **cfg,
+                TMA_REDUCE=tma, **_dot_flags(hidden.dtype), **cfg,
             )  # fmt: skip
             if row_err:
                 cancel_rounding(gx_acc, err, weight, labels[s:e])
