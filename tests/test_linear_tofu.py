@@ -507,6 +507,24 @@ def test_half_grad_hidden_keeps_a_shared_weight_direction_cancelled(
     assert rel_err(w.grad, gw) < LINEAR_GRAD_RTOL[dtype], rel_err(w.grad, gw)
 
 
+def test_cancel_rounding_in_row_steps(device):
+    """utils.cancel_rounding gathers the targets' weight rows a few hundred at a time: 600 rows
+    (a short last step) give acc - err * w_y exactly, with labels of ignored rows and of another
+    vocabulary shard (negative, or V and beyond) left alone."""
+    from tofu_kernels.utils import cancel_rounding
+
+    n, vocab, h = 600, 50, 24
+    w = torch.randn(vocab, h, device=device).to(torch.bfloat16)
+    y = torch.randint(0, vocab, (n,), device=device)
+    y[::7], y[1::11], y[2::13] = -100, vocab, -3
+    acc, err = torch.randn(n, h, device=device), torch.randn(n, device=device)
+    want = acc.clone()
+    own = (y >= 0) & (y < vocab)
+    want[own] -= err[own, None] * w[y[own]].float()
+    cancel_rounding(acc, err, w, y)
+    torch.testing.assert_close(acc, want, rtol=1e-6, atol=1e-6)
+
+
 def test_fp64_gradients_are_exact(device):
     """fp64 (the CPU path's reference precision) never passes through fp32: a half-precision
     branch once took every dtype but fp32 and cast fp64's grad_hidden GEMM down (2.2e-5 off)."""

@@ -96,7 +96,9 @@ def cancel_rounding(
     vocab = weight.shape[0]
     err = torch.where((labels >= 0) & (labels < vocab), err, 0.0)
     idx = labels.clamp(0, vocab - 1)
-    step = 1024  # rows at a time: a (step, H) gather of the weight (8 MB at H 4096), not (N, H)
+    # rows at a time: a (step, H) gather of the weight (2 MB at H 4096, bf16), not (N, H); it
+    # is alive at the token-slab backward's peak (vocab_chunked, accum_dtype=None)
+    step = 256
     for s in range(0, acc.shape[0], step):
         wy = weight.index_select(0, idx[s : s + step])
         acc[s : s + step].addcmul_(err[s : s + step, None], wy, value=-1)
