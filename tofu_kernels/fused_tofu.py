@@ -73,10 +73,13 @@ TUNE_FWD = [
 # ...and the default without groups (token blocks fastest over the whole grid), to measure them
 UNGROUPED = 1 << 16
 TUNE_FWD.append({**FWD_CONFIGS[9], "GROUP_N": UNGROUPED})
+# The larger tiles first (bench/tune_fused.py's budget reaches them): they cut the backward's
+# atomic traffic by a third (bench/NOTES.md), and fit sm_90 with BLOCK_K 32 (168 KiB of shared
+# memory; with BLOCK_K 64 they took 272 KiB and failed on an H100).
 TUNE_BWD = [
     dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, GROUP_N=GROUP_ROWS // bn, num_warps=w, num_stages=st)
-    for bn, bv, bk, w, st in ((64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-                              (256, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3))
+    for bn, bv, bk, w, st in ((128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (64, 128, 64, 8, 3),
+                              (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3))
 ]  # fmt: skip
 TUNE_BWD.append({**BWD_CONFIGS[9], "GROUP_N": UNGROUPED})
 # "TMA_REDUCE": True (sm_90 and later) adds each backward tile into grad_hidden and grad_weight
