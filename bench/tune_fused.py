@@ -64,6 +64,13 @@ def bench_ms(fn, device: str) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100)
 
 
+def save(result: dict, out: Path | None) -> None:
+    """``out/tune.json`` rewritten after every row: a call cut short keeps what it timed."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tune.json").write_text(json.dumps(result, indent=1))
+
+
 def tune(args: argparse.Namespace) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
@@ -116,6 +123,7 @@ def tune(args: argparse.Namespace) -> dict:
                 row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
         result["breakdown"].append(row)
         print("breakdown", row, flush=True)
+        save(result, args.out)
 
     for part in parts[:2]:
         breakdown(*part)
@@ -159,6 +167,7 @@ def tune(args: argparse.Namespace) -> dict:
             row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
         result[kind].append(row)
         print(kind, row, flush=True)
+        save(result, args.out)
     return result
 
 
@@ -208,8 +217,7 @@ def main() -> None:
     result = tune(args)
     text = report(result)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "tune.json").write_text(json.dumps(result, indent=1))
+        save(result, args.out)
         (args.out / "tune.md").write_text(text + "\n")
     print(text)
 
