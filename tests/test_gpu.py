@@ -2,7 +2,7 @@
 
 In the order bench/run_gpu.sh can afford them in its 150 s: the cheap checks first (the logits
 kernel, no host sync, CUDA-graph capture), then the Llama-3 head against float64 per impl, then
-inductor (its compiles are the slowest).
+inductor (its compiles are the slowest), then the fused backward's bulk reductions (see there).
 """
 
 from __future__ import annotations
@@ -145,34 +145,6 @@ def test_fused_linear_llama3_head_bf16_against_oracle(impl, accum_dtype, frozen,
         assert w.grad is None
 
 
-def test_fused_bulk_reduce_llama3_head_bf16_against_oracle(monkeypatch):
-    """impl="fused" with TMA_REDUCE (bulk tensor reductions, sm_90 on) at the Llama-3-8B head,
-    grad_weight summed in fp32 and by bf16 adds into the gradient (accum_dtype=None)."""
-    from tofu_kernels import fused_tofu
-
-    major, minor = torch.cuda.get_device_capability()
-    if major < 9:
-        pytest.skip("bulk tensor reductions need sm_90 or later")
-    cfg = fused_tofu.fused_config(fused_tofu.BWD_CONFIGS, (major, minor), torch.bfloat16)
-    monkeypatch.setitem(fused_tofu.BWD_CONFIGS, (major, minor), {**cfg, "TMA_REDUCE": True})
-    used = []
-    real = fused_tofu._reduce_descriptors
-    monkeypatch.setattr(fused_tofu, "_reduce_descriptors", lambda *a: used.append(a[0]) or real(*a))
-    n, h, v = 8192, 4096, LLAMA3_VOCAB
-    x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
-    w = (torch.randn(v, h, device="cuda") * 3 / h**0.5).to(torch.bfloat16)
-    y = random_labels((n,), v, "cuda", ignored=0.3)
-    ref_loss, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, rows_per_slice=512)
-    for accum_dtype in (torch.float32, None):
-        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        loss = fused_linear_tofu_loss(xg, wg, y, impl="fused", accum_dtype=accum_dtype)
-        loss.backward()
-        assert abs(loss.item() - ref_loss.item()) <= 1e-3 * ref_loss.item()
-        assert_close(xg.grad, gx, 2e-2, f"grad_hidden, accum_dtype={accum_dtype}")
-        assert_close(wg.grad, gw, 2e-2, f"grad_weight, accum_dtype={accum_dtype}")
-    assert used and all(used)  # every backward launch took the bulk path
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("impl", ["chunked", "vocab_chunked", "fused"])
 def test_fused_linear_llama3_head_half_flat_softmax(impl, dtype):
@@ -239,3 +211,33 @@ def test_inductor_fullgraph_matches_eager(impl):
         results.append((loss, *torch.autograd.grad(loss, (x, w))))
     for got, want in zip(results[1], results[0], strict=True):
         assert_close(got, want, 1e-2, "inductor vs eager")
+
+
+def test_fused_bulk_reduce_llama3_head_bf16_against_oracle(monkeypatch):
+    """impl="fused" with TMA_REDUCE (bulk tensor reductions, sm_90 on) at the Llama-3-8B head,
+    grad_weight summed in fp32 and by bf16 adds into the gradient (accum_dtype=None). Last in
+    the file: a fault in these untried reductions would poison the process's CUDA context for
+    every test after it."""
+    from tofu_kernels import fused_tofu
+
+    major, minor = torch.cuda.get_device_capability()
+    if major < 9:
+        pytest.skip("bulk tensor reductions need sm_90 or later")
+    cfg = fused_tofu.fused_config(fused_tofu.BWD_CONFIGS, (major, minor), torch.bfloat16)
+    monkeypatch.setitem(fused_tofu.BWD_CONFIGS, (major, minor), {**cfg, "TMA_REDUCE": True})
+    used = []
+    real = fused_tofu._reduce_descriptors
+    monkeypatch.setattr(fused_tofu, "_reduce_descriptors", lambda *a: used.append(a[0]) or real(*a))
+    n, h, v = 8192, 4096, LLAMA3_VOCAB
+    x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(v, h, device="cuda") * 3 / h**0.5).to(torch.bfloat16)
+    y = random_labels((n,), v, "cuda", ignored=0.3)
+    ref_loss, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, rows_per_slice=512)
+    for accum_dtype in (torch.float32, None):
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = fused_linear_tofu_loss(xg, wg, y, impl="fused", accum_dtype=accum_dtype)
+        loss.backward()
+        assert abs(loss.item() - ref_loss.item()) <= 1e-3 * ref_loss.item()
+        assert_close(xg.grad, gx, 2e-2, f"grad_hidden, accum_dtype={accum_dtype}")
+        assert_close(wg.grad, gw, 2e-2, f"grad_weight, accum_dtype={accum_dtype}")
+    assert used and all(used)  # every backward launch took the bulk path
