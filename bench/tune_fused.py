@@ -141,10 +141,10 @@ def tune(args: argparse.Namespace) -> dict:
         if accum_fp32 is not None:
             row["grad_weight_accum"] = "fp32" if accum_fp32 else "bf16"
             # what the launcher really does here (no bulk reductions before sm_90)
-            bulk = config.get("TMA_REDUCE") and fused_tofu.bulk_reduce_ok(
+            tma = config.get("TMA_REDUCE") and fused_tofu.bulk_reduce_ok(
                 x.device, h, torch.float32 if accum_fp32 else dtype
             )
-            row["adds"] = "bulk (TMA)" if bulk else "atomics"
+            row["adds"] = "bulk (TMA)" if tma else "atomics"
         if time.monotonic() > deadline:
             row["status"] = "skipped: budget"
             result[kind].append(row)
