@@ -239,18 +239,18 @@ def test_card_names(monkeypatch):
     assert report.card_slug("cpu") == "cpu"
 
 
-def test_tune_fused_smoke(tmp_path):
+@pytest.mark.parametrize("no_tma", [False, True])
+def test_tune_fused_smoke(tmp_path, no_tma):
     """bench/tune_fused.py end to end on CPU: every candidate row ran and agreed with the
-    default config (timings are not asserted)."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "tune_fused.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    default config (timings are not asserted); --no-tma leaves the bulk reductions out."""
+    cmd = [sys.executable, str(ROOT / "bench" / "tune_fused.py"), "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd + ["--no-tma"] * no_tma, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "tune.json").read_text())
     assert len(result["fwd"]) == 2 and len(result["bwd"]) == 4 and len(result["breakdown"]) == 5
     # the bulk-reduction candidate first; the interpreter here has none, so it ran atomics
-    assert [r.get("TMA_REDUCE", False) for r in result["bwd"]] == [True, True, False, False]
+    tma = [r.get("TMA_REDUCE", False) for r in result["bwd"]]
+    assert tma == ([False] * 4 if no_tma else [True, True, False, False])
     assert {r["adds"] for r in result["bwd"]} == {"atomics"}
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in result["breakdown"])
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in result["fwd"] + result["bwd"])
