@@ -9,8 +9,9 @@ backward broken down (both gradients, then each alone, fp32 or bf16 ``grad_weigh
 the backward (grad_hidden and grad_weight, fp32 and bf16 ``grad_weight`` accumulation) for each
 of ``TUNE_BWD_TMA`` (bulk tensor reductions, first: a short budget reaches them) and
 ``TUNE_BWD``, and the forward (partials + merge) for each of ``TUNE_FWD``. A config that does
-not fit the card (shared memory, registers) is a row with its error, and one whose output
-differs from the default config's by more than 2e-2 of the largest value a "mismatch" row.
+not fit the card (shared memory, registers) is a row with its error, and one whose loss or
+gradients differ from the default config's by more than 2e-2 of the largest value a "mismatch"
+row.
 Prints a table per kernel, fastest first, and writes ``DIR/tune.json``. On CPU (``--smoke``)
 it runs two candidates of each at tiny shapes through the interpreter: the timings mean nothing
 there, the script is what is tested.
@@ -94,9 +95,9 @@ def tune(args: argparse.Namespace) -> dict:
     # the default configs' results: every candidate must agree with them
     loss_ref, _, rowterms = fused_tofu.fused_tofu_fwd(x, w, y, None, params)
     scale = torch.full((1,), 1.0 / n, device=device)
-    gx_ref = fused_tofu.fused_tofu_bwd(
-        x, w, y, None, rowterms, scale, params, (True, False, False)
-    )[0]
+    gx_ref, gw_ref, _ = fused_tofu.fused_tofu_bwd(
+        x, w, y, None, rowterms, scale, params, (True, True, False)
+    )
     # Where the default backward's time goes (the first H100 run: 118 ms against ~36 for its
     # GEMM work): both gradients with grad_weight's atomics in fp32 or in bf16, then (after
     # the bulk-reduction candidates, which a short budget must reach) each gradient alone.
@@ -158,9 +159,16 @@ def tune(args: argparse.Namespace) -> dict:
                     x, w, y, None, rowterms, scale, params, (True, True, False), None, acc
                 )
             with launch_config(table, config):
-                out = fn()[0]  # compiles outside the timing
-                ref = loss_ref if kind == "fwd" else gx_ref
-                diff = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                out = fn()  # compiles outside the timing
+                pairs = (
+                    [(out[0], loss_ref)]
+                    if kind == "fwd"
+                    else zip(out[:2], (gx_ref, gw_ref), strict=True)
+                )
+                diff = max(
+                    ((o.float() - r.float()).abs().max() / r.float().abs().max()).item()
+                    for o, r in pairs
+                )
                 row["ms"] = bench_ms(fn, device)
             if not diff <= 2e-2:  # the GPU tests' gradient tolerance
                 row["status"] = f"mismatch: {diff:.1e} from the default config"

@@ -253,19 +253,34 @@ def test_grouped_program_order(device, monkeypatch, group_n):
     compare(x, w, b, y, grads, ref, torch.float16)
 
 
+# every dtype with both gradients; one gradient alone (the other's descriptor is None) in fp16
+# and bf16 (whose bf16 grad_weight the interpreter sums in fp32)
 @pytest.mark.parametrize(
-    "dtype,accum_dtype",
-    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, None)],
-)
-def test_bulk_reduce_adds_what_the_atomics_add(device, monkeypatch, dtype, accum_dtype):
+    "dtype,accum_dtype,grads",
+    [(torch.float32, torch.float32, "both"), (torch.bfloat16, torch.float32, "both"),
+     (torch.float16, None, "both"), (torch.float16, None, "hidden"),
+     (torch.bfloat16, None, "weight")],
+)  # fmt: skip
+def test_bulk_reduce_adds_what_the_atomics_add(device, monkeypatch, dtype, accum_dtype, grads):
     """TMA_REDUCE: whole-tile bulk adds give the atomics' gradients (bit for bit on CPU, where
-    both add in program order), with boxes overhanging the last token block, vocabulary tile
-    and K step (the hardware drops what falls outside; so does conftest's interpreter stand-in),
-    two grad_hidden token slabs in half precision, bias, softcap, ignored rows."""
+    both add in program order) at the right tiles, over a partial last token block, vocabulary
+    tile and K step (whose out-of-range entries the kernel makes zeros), two grad_hidden token
+    slabs in half precision, bias, softcap, ignored rows."""
     h = 72  # rows of 16-byte multiples in fp32 and fp16; 2 (bf16/fp16) or 3 (fp32) K steps
     x, w, b, y = make_inputs((300,), h, 300, dtype, device, bias=True)
     monkeypatch.setattr(fused_mod, "GX_SLAB_ELEMS", 1)  # slabs of ROW_ALIGN = 256 rows
     kwargs = dict(softcap=20.0, gamma=2.0, beta=0.7, accum_dtype=accum_dtype)
+
+    def run(x, w, b, y, **kwargs):  # the gradients of the leaves that ask for them
+        train = {"both": (1, 1, 1), "hidden": (1, 0, 0), "weight": (0, 1, 1)}[grads]
+        leaves = [
+            t.detach().clone().requires_grad_(bool(r))
+            for t, r in zip((x, w, b), train, strict=True)
+        ]
+        loss = fused_linear_tofu_loss(*leaves[:2], y, bias=leaves[2], impl="fused", **kwargs)
+        loss.backward()
+        return [loss.detach()] + [t.grad for t in leaves]
+
     atomics = run(x, w, b, y, **kwargs)
     boxes = []
     real = fused_mod._reduce_descriptors
@@ -276,10 +291,11 @@ def test_bulk_reduce_adds_what_the_atomics_add(device, monkeypatch, dtype, accum
     ref = linear_oracle(x, w, y, bias=b, gamma=2.0, beta=0.7, softcap=20.0)
     compare(x, w, b, y, bulk, ref, dtype)
     if device == "cpu":
-        assert len(boxes) == (2 if dtype != torch.float32 else 1)  # one launch per slab
-        assert all(d is not None for pair in boxes for d in pair)
+        slabs = 2 if dtype != torch.float32 and grads != "weight" else 1
+        asked = {"both": [True, True], "hidden": [True, False], "weight": [False, True]}[grads]
+        assert [[d is not None for d in pair] for pair in boxes] == [asked] * slabs
         for got, want in zip(bulk, atomics, strict=True):
-            assert torch.equal(got, want)
+            assert (got is None and want is None) or torch.equal(got, want)
     assert not fused_mod.bulk_reduce_ok(torch.device(device), 36, torch.bfloat16)  # 72-byte rows
 
 

@@ -469,7 +469,8 @@ def bulk_reduce_ok(device: torch.device, h: int, gw_dtype: torch.dtype) -> bool:
         from triton.runtime.interpreter import InterpreterBuilder
 
         return hasattr(InterpreterBuilder, "create_descriptor_reduce")
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    cuda = device.type == "cuda" and torch.version.hip is None  # ROCm's MI300 reports 9.4
+    return cuda and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _reduce_descriptors(
