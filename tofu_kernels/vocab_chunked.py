@@ -100,7 +100,8 @@ def _chunk_partials_kernel(
 def _chunk_grad_kernel(
     # pointers: the chunk's logits (N, C), overwritten with their gradient; labels (N,);
     # per-row terms (4, N) of the merge (row max, g / sb, target column, g); grad scale (1 or N);
-    # per column block, the rows' sums of rounding errors (cdiv(C, BLOCK_V), N) (HAS_ERR)
+    # per column block, the rows' sums of rounding errors, added to over the chunks
+    # (cdiv(C, BLOCK_V), N) (HAS_ERR)
     z_ptr, labels_ptr, rowterm_ptr, scale_ptr, err_ptr,
     # sizes and strides
     N, C, col0, stride_zn, stride_rt, stride_scale,
@@ -124,9 +125,10 @@ def _chunk_grad_kernel(
     dz = tofu_dz(z, col0 + local, y, m, coef, target, 1.0 / beta, softcap, HAS_SOFTCAP)
     stored = dz.to(z_ptr.dtype.element_ty)
     tl.store(ptrs, stored, mask=mask)
-    if HAS_ERR:  # a store per program, summed after: no atomics, deterministic
+    if HAS_ERR:  # each (column block, row) has one program per chunk: no atomics, deterministic
         err = tl.sum(tl.where(mask, stored.to(tl.float32) - dz, 0.0), axis=1)
-        tl.store(err_ptr + tl.program_id(1) * N + rows, err, mask=row_mask)
+        err_ptrs = err_ptr + tl.program_id(1) * N + rows
+        tl.store(err_ptrs, tl.load(err_ptrs, mask=row_mask) + err, mask=row_mask)
 
 
 def default_vocab_chunk(hidden: int, vocab: int) -> int:
@@ -251,10 +253,8 @@ def vocab_chunked_bwd(
         # (an H100 run at 8192 tokens found 2% of grad_weight's entries off, some by 100%)
         sum_fp32 = half_range(weight.dtype)
         # grad_hidden's rounding errors, moved onto the targets' weight rows (cancel_rounding)
-        half = hidden.dtype in HALF_DTYPES
-        err = err_blocks = None
-        if half and gx is not None:
-            err = torch.empty(slab, dtype=torch.float32, device=dev)
+        err_blocks = None
+        if hidden.dtype in HALF_DTYPES and gx is not None:
             blocks = triton.cdiv(min(chunk, vocab), cfg["BLOCK_V"])
             err_blocks = torch.empty(blocks * slab, dtype=torch.float32, device=dev)
         storage = torch.empty(slab * min(chunk, vocab), dtype=hidden.dtype, device=dev)
@@ -266,21 +266,19 @@ def vocab_chunked_bwd(
             acc_s = None
             if gx is not None:
                 acc_s = gx[s0:s1] if acc is None else acc[:rows].zero_()
-            err_s = err[:rows] if err is not None else None
-            if err_s is not None:
-                err_s.zero_()
+            if err_blocks is not None:  # (column blocks, rows), summed over the chunks
+                err_blocks[: blocks * rows].zero_()
             for _, c0, z in _chunks(x_s, weight, bias, chunk, storage):
                 c = z.shape[1]
                 grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(c, cfg["BLOCK_V"]))
                 _chunk_grad_kernel[grid](
                     z, y_s, rowterms[:, s0:s1], scale_s,
-                    err_blocks if err is not None else rowterms,
+                    err_blocks if err_blocks is not None else rowterms,
                     rows, c, c0, z.stride(0), rowterms.stride(0), int(scale_s.numel() > 1),
                     params.beta, softcap, params.ignore_index,
-                    HAS_SOFTCAP=params.softcap is not None, HAS_ERR=err is not None, **cfg,
+                    HAS_SOFTCAP=params.softcap is not None, HAS_ERR=err_blocks is not None,
+                    **cfg,
                 )  # fmt: skip
-                if err_s is not None:  # the kernel's (column blocks, rows) layout
-                    err_s += err_blocks[: grid[1] * rows].view(grid[1], rows).sum(0)
                 if gw is not None:
                     _weight_grad(gw[c0 : c0 + c], z, x_s, norm, sum_fp32, first=s0 == 0)
                 if acc_s is not None:
@@ -290,7 +288,8 @@ def vocab_chunked_bwd(
             z = None
             if one_slab:  # the logits buffer goes before grad_hidden's cast, the backward's peak
                 storage = None
-            if err_s is not None:
+            if err_blocks is not None:
+                err_s = err_blocks[: blocks * rows].view(blocks, rows).sum(0)
                 cancel_rounding(acc_s, err_s, weight, y_s)
             if acc_s is not None:
                 acc_s.mul_(norm)
