@@ -59,3 +59,32 @@ def test_fused_linear_compiles_fullgraph(device, impl, reduction):
         results.append([loss.detach()] + [t.grad for t in leaves])
     for eager, comp in zip(*results, strict=True):
         assert rel_err(comp, eager) < GRAD_RTOL[torch.float32]
+
+
+def test_gamma_and_beta_stay_full_precision_in_compiled_graphs(device):
+    """bf16 inputs: every launch in the AOT graphs (forward and backward) gets gamma and beta as
+    the exact Python floats given (0.8, not bf16's 0.80078125), which the kernels take as fp32
+    scalars; no impl turns them into tensors of the input dtype."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    calls = []
+
+    def record(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "tofu_kernels" in str(node.target):
+                calls.append([a for a in node.args if isinstance(a, float)][:2])
+        return gm.forward
+
+    backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+    x, w, _, y = make_inputs((9,), 40, 300, torch.bfloat16, device, ignored=0.3)
+    z = torch.randn(9, 300, device=device).to(torch.bfloat16)
+    steps = [
+        (lambda x, w, y, impl=impl: fused_linear_tofu_loss(x, w, y, beta=0.8, impl=impl), (x, w, y))
+        for impl in ("chunked", "vocab_chunked", "fused", "torch")
+    ] + [(lambda z, y: tofu_loss(z, y, beta=0.8), (z, y))]
+    for step, inputs in steps:
+        torch._dynamo.reset()
+        calls.clear()
+        leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        torch.compile(step, fullgraph=True, backend=backend)(*leaves).backward()
+        assert calls and all(c == [3.0, 0.8] for c in calls), calls
