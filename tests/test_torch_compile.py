@@ -66,6 +66,7 @@ def test_gamma_and_beta_stay_full_precision_in_compiled_graphs(device):
     the exact Python floats given (0.8, not bf16's 0.80078125), which the kernels take as fp32
     scalars; no impl turns them into tensors of the input dtype."""
     from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
 
     calls = []
 
@@ -73,7 +74,7 @@ def test_gamma_and_beta_stay_full_precision_in_compiled_graphs(device):
         for node in gm.graph.nodes:
             if node.op == "call_function" and "tofu_kernels" in str(node.target):
                 calls.append([a for a in node.args if isinstance(a, float)][:2])
-        return gm.forward
+        return make_boxed_func(gm.forward)
 
     backend = aot_autograd(fw_compiler=record, bw_compiler=record)
     x, w, _, y = make_inputs((9,), 40, 300, torch.bfloat16, device, ignored=0.3)
