@@ -116,6 +116,22 @@ def _load_rows(ptr, idx, stride, mask, k, ks, k_mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _add_rows(ptr, desc, first, idx, stride, mask, k, ks, k_mask, tile, TMA_REDUCE: tl.constexpr):
+    """Add ``tile`` into rows ``idx`` (``first`` onwards) of a row-major matrix, columns ``k +
+    ks``: by atomics, or by one bulk add of the tile through ``desc``, done in L2 (TMA_REDUCE;
+    the masks' entries, out of the matrix, are then dropped by the hardware)."""
+    if TMA_REDUCE:
+        desc.atomic_add([first, k], tile)
+    else:
+        tl.atomic_add(
+            ptr + idx[:, None] * stride + (k + ks)[None, :],
+            tile,
+            mask=mask[:, None] & k_mask[None, :],
+            sem="relaxed",
+        )
+
+
+@triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     """``acc + a @ b``; exact fp32 products when IEEE (Triton's fp32 default is TF32)."""
     if IEEE:
@@ -374,28 +390,18 @@ def _fused_bwd_kernel(
                 if GRAD_X:
                     w = _load_rows(w_ptr, cols64, stride_wv, col_mask, k, ks, k_mask, UPCAST)
                     gx = _dot(dz_in, w, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), IEEE)
-                    if TMA_REDUCE:  # one bulk add of the tile, done in L2; none out of bounds
-                        gx_desc.atomic_add([pid_n * BLOCK_N, k], gx)
-                    else:
-                        tl.atomic_add(
-                            gx_ptr + rows64[:, None] * H + (k + ks)[None, :],
-                            gx,
-                            mask=row_mask[:, None] & k_mask[None, :],
-                            sem="relaxed",
-                        )
+                    _add_rows(
+                        gx_ptr, gx_desc, pid_n * BLOCK_N, rows64, H, row_mask, k, ks, k_mask,
+                        gx, TMA_REDUCE,
+                    )  # fmt: skip
                 if GRAD_W:
                     x = _load_rows(x_ptr, rows64, stride_xn, row_mask, k, ks, k_mask, UPCAST)
                     gw = _dot(tl.trans(dz_in), x, tl.zeros((BLOCK_V, BLOCK_K), tl.float32), IEEE)
                     gw = (gw * gw_gain).to(gw_ptr.dtype.element_ty)
-                    if TMA_REDUCE:
-                        gw_desc.atomic_add([pid_v * BLOCK_V, k], gw)
-                    else:
-                        tl.atomic_add(
-                            gw_ptr + cols64[:, None] * H + (k + ks)[None, :],
-                            gw,
-                            mask=col_mask[:, None] & k_mask[None, :],
-                            sem="relaxed",
-                        )
+                    _add_rows(
+                        gw_ptr, gw_desc, pid_v * BLOCK_V, cols64, H, col_mask, k, ks, k_mask,
+                        gw, TMA_REDUCE,
+                    )  # fmt: skip
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
