@@ -146,19 +146,17 @@ def rel_err(actual, expected) -> float:
     return ((actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
 
 
-def slab_rows_seen(monkeypatch) -> list:
-    """The answers of vocab_chunked.lean_slab_rows, one per vocab_chunked backward: whether
-    (and with how many rows) its token slabs ran."""
-    from tofu_kernels import vocab_chunked
-
+def returns_of(monkeypatch, module, name: str) -> list:
+    """Every value ``module.name`` returns from here on, in order, as it still runs: e.g. the
+    answers of vocab_chunked.lean_slab_rows (whether, and with how many rows, token slabs ran)."""
     seen = []
-    real = vocab_chunked.lean_slab_rows
+    real = getattr(module, name)
 
-    def record(*args):
-        seen.append(real(*args))
+    def record(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(vocab_chunked, "lean_slab_rows", record)
+    monkeypatch.setattr(module, name, record)
     return seen
 
 

@@ -15,6 +15,7 @@ from helpers import (
     make_inputs,
     random_labels,
     rel_err,
+    returns_of,
 )
 from tofu_kernels import fused_linear_tofu_loss
 from tofu_kernels import fused_tofu as fused_mod
@@ -30,8 +31,11 @@ def compare(x, w, b, y, grads, ref, dtype):
         assert rel_err(got, want) < tol, (name, rel_err(got, want))
 
 
-def run(x, w, b, y, **kwargs):
-    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+def run(x, w, b, y, train=(True, True, True), **kwargs):
+    """[loss, grad_hidden, grad_weight, grad_bias] of impl="fused"; ``train``: which of (x, w, b)
+    ask for their gradient (None for the others)."""
+    leaves = [t.detach().clone().requires_grad_(r) if t is not None else None
+              for t, r in zip((x, w, b), train, strict=True)]  # fmt: skip
     loss = fused_linear_tofu_loss(leaves[0], leaves[1], y, bias=leaves[2], impl="fused", **kwargs)
     loss.backward()
     return [loss.detach()] + [t.grad if t is not None else None for t in leaves]
@@ -269,23 +273,10 @@ def test_bulk_reduce_adds_what_the_atomics_add(device, monkeypatch, dtype, accum
     h = 72  # rows of 16-byte multiples in fp32 and fp16; 2 (bf16/fp16) or 3 (fp32) K steps
     x, w, b, y = make_inputs((300,), h, 300, dtype, device, bias=True)
     monkeypatch.setattr(fused_mod, "GX_SLAB_ELEMS", 1)  # slabs of ROW_ALIGN = 256 rows
-    kwargs = dict(softcap=20.0, gamma=2.0, beta=0.7, accum_dtype=accum_dtype)
-
-    def run(x, w, b, y, **kwargs):  # the gradients of the leaves that ask for them
-        train = {"both": (1, 1, 1), "hidden": (1, 0, 0), "weight": (0, 1, 1)}[grads]
-        leaves = [
-            t.detach().clone().requires_grad_(bool(r))
-            for t, r in zip((x, w, b), train, strict=True)
-        ]
-        loss = fused_linear_tofu_loss(*leaves[:2], y, bias=leaves[2], impl="fused", **kwargs)
-        loss.backward()
-        return [loss.detach()] + [t.grad for t in leaves]
-
+    train = {"both": (True,) * 3, "hidden": (True, False, False), "weight": (False, True, True)}
+    kwargs = dict(train=train[grads], softcap=20.0, gamma=2.0, beta=0.7, accum_dtype=accum_dtype)
     atomics = run(x, w, b, y, **kwargs)
-    boxes = []
-    real = fused_mod._reduce_descriptors
-    monkeypatch.setattr(fused_mod, "_reduce_descriptors",
-                        lambda *a: boxes.append(real(*a)) or boxes[-1])  # fmt: skip
+    boxes = returns_of(monkeypatch, fused_mod, "_reduce_descriptors")
     monkeypatch.setitem(fused_mod.BWD_CONFIGS, 9, {**fused_mod.BWD_CONFIGS[9], "TMA_REDUCE": True})
     bulk = run(x, w, b, y, **kwargs)
     ref = linear_oracle(x, w, y, bias=b, gamma=2.0, beta=0.7, softcap=20.0)

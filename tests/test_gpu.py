@@ -18,8 +18,8 @@ from helpers import (
     oracle,
     random_labels,
     random_logits,
+    returns_of,
     shared_direction_head,
-    slab_rows_seen,
 )
 from tofu_kernels import fused_linear_tofu_loss, tofu_loss
 
@@ -126,7 +126,7 @@ def test_fused_linear_llama3_head_bf16_against_oracle(impl, accum_dtype, frozen,
     """The Llama-3-8B head: 8192 tokens, H=4096, V=128256, bf16, 30% of labels ignored."""
     from tofu_kernels import vocab_chunked
 
-    slabs = slab_rows_seen(monkeypatch)
+    slabs = returns_of(monkeypatch, vocab_chunked, "lean_slab_rows")
     n, h, v = 8192, 4096, LLAMA3_VOCAB
     x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
     w = (torch.randn(v, h, device="cuda") * 3 / h**0.5).to(torch.bfloat16)
@@ -225,9 +225,7 @@ def test_fused_bulk_reduce_llama3_head_bf16_against_oracle(monkeypatch):
         pytest.skip("bulk tensor reductions need sm_90 or later")
     cfg = fused_tofu.fused_config(fused_tofu.BWD_CONFIGS, (major, minor), torch.bfloat16)
     monkeypatch.setitem(fused_tofu.BWD_CONFIGS, (major, minor), {**cfg, "TMA_REDUCE": True})
-    used = []
-    real = fused_tofu._reduce_descriptors
-    monkeypatch.setattr(fused_tofu, "_reduce_descriptors", lambda *a: used.append(a[0]) or real(*a))
+    descs = returns_of(monkeypatch, fused_tofu, "_reduce_descriptors")
     n, h, v = 8192, 4096, LLAMA3_VOCAB
     x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
     w = (torch.randn(v, h, device="cuda") * 3 / h**0.5).to(torch.bfloat16)
@@ -240,4 +238,5 @@ def test_fused_bulk_reduce_llama3_head_bf16_against_oracle(monkeypatch):
         assert abs(loss.item() - ref_loss.item()) <= 1e-3 * ref_loss.item()
         assert_close(xg.grad, gx, 2e-2, f"grad_hidden, accum_dtype={accum_dtype}")
         assert_close(wg.grad, gw, 2e-2, f"grad_weight, accum_dtype={accum_dtype}")
-    assert used and all(used)  # every backward launch took the bulk path
+    # every backward launch took the bulk path
+    assert descs and all(d is not None for pair in descs for d in pair)

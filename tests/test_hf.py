@@ -19,7 +19,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import tofu_kernels
-from helpers import TINY_LLAMA, slab_rows_seen
+from helpers import TINY_LLAMA, returns_of
 from tofu_kernels.hf import (
     HEAD_SPECS,
     HeadSpec,
@@ -302,7 +302,7 @@ def test_accum_dtype_option(device, monkeypatch):
     from tofu_kernels import vocab_chunked
 
     monkeypatch.setattr(vocab_chunked, "LEAN_SLAB_ROWS", 5)
-    slabs = slab_rows_seen(monkeypatch)
+    slabs = returns_of(monkeypatch, vocab_chunked, "lean_slab_rows")
     model = tiny_model("gemma2", device, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="accum_dtype"):
         apply_tofu_kernel(model, accum_dtype=torch.int32)
