@@ -131,9 +131,8 @@ def tune(args: argparse.Namespace) -> dict:
         if accum_fp32 is not None:
             row["grad_weight_accum"] = "fp32" if accum_fp32 else "bf16"
             # what the launcher really does here (no bulk reductions before sm_90)
-            tma = config.get("TMA_REDUCE") and fused_tofu.bulk_reduce_ok(
-                x.device, h, torch.float32 if accum_fp32 else dtype
-            )
+            acc = fused_tofu.weight_accumulator(dtype, accum_fp32)
+            tma = config.get("TMA_REDUCE") and fused_tofu.bulk_reduce_ok(x.device, h, acc)
             row["adds"] = "bulk (TMA)" if tma else "atomics"
         if time.monotonic() > deadline:
             row["status"] = "skipped: budget"

@@ -465,6 +465,14 @@ def _grid(rows: int, vocab: int):
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(vocab, meta["BLOCK_V"]),)
 
 
+def weight_accumulator(dtype: torch.dtype, accum_fp32: bool) -> torch.dtype:
+    """The backward's grad_weight accumulator for a weight of ``dtype``: fp32, or the weight's
+    dtype (the interpreter has no bf16 atomics: it sums such a gradient in fp32 instead)."""
+    if accum_fp32 or (interpreting() and dtype == torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
 def bulk_reduce_ok(device: torch.device, h: int, gw_dtype: torch.dtype) -> bool:
     """Whether the backward can add its tiles by bulk tensor reductions (TMA, sm_90 and later;
     under the interpreter only where it implements them): the accumulators' rows must start on
@@ -610,10 +618,7 @@ def fused_tofu_bwd(
     labels, grad_scale = labels.contiguous(), grad_scale.contiguous()
     if filter_eps is None:
         filter_eps = 0.0 if hidden.dtype == f32 else FILTER_EPS_HALF
-    # the interpreter has no bf16 atomics: it sums such a gradient in fp32 instead
-    w_acc = weight.dtype
-    if accum_fp32 or (interpreting() and w_acc == torch.bfloat16):
-        w_acc = f32
+    w_acc = weight_accumulator(weight.dtype, accum_fp32)
     gx_dtype = f32 if gx_fp32 else hidden.dtype
     gx = torch.empty(n, h, dtype=gx_dtype, device=dev) if needs[0] else None
     gw = torch.zeros(vocab, h, dtype=w_acc, device=dev) if needs[1] else None
