@@ -28,6 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from tofu_kernels.tofu import _cap, tofu_row_terms
 from tofu_kernels.utils import (
     HALF_DTYPES,
+    LAUNCH_OPTIONS,
     TOFUParams,
     cancel_rounding,
     check_backward,
@@ -53,14 +54,25 @@ FWD_CONFIGS = {
     9: dict(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, GROUP_N=32, num_warps=8, num_stages=3),
     8: dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, GROUP_N=32, num_warps=8, num_stages=3),
 }
+# An entry's "FP32" overrides its keys for fp32 inputs (default: half the BLOCK_K, since fp32
+# tiles take twice the bytes). The fp32 backward (IEEE dots on CUDA cores) is where ptxas can
+# give up on registers: for sm_90 it gave BLOCK_K 32 with 3 stages 32 registers and 23 KB of
+# spills per thread under triton 3.9 (BLOCK_K 16 with 3 stages: 12 KB under 3.6); BLOCK_K 16
+# with 2 stages gets 255 registers and under 256 B under both. tests/compile_kernels.py fails
+# on such spills. Not timed: fp32 is for checking, bf16 for speed.
 BWD_CONFIGS = {
-    9: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=16, num_warps=8, num_stages=3),
+    9: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=16, num_warps=8, num_stages=3,
+            FP32=dict(BLOCK_K=16, num_stages=2)),
     8: dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=16, num_warps=8, num_stages=3),
-}
+}  # fmt: skip
 # A (major, minor) key overrides its major: 8.6, 8.9 and 12.x (A10, A40, L4, L40S, RTX 30/40/50,
 # GB10) give a block at most 99 KiB of shared memory, the A100 163; the 3-stage backward takes
-# 128 KiB, sm_90's forward 120 KiB (12.x would otherwise take sm_90's configs).
-_SMALL_SHARED_BWD = {**BWD_CONFIGS[8], "num_stages": 2, "BLOCK_K_FP32": 16}
+# 128 KiB, sm_90's forward 120 KiB (12.x would otherwise take sm_90's configs). Their fp32
+# backward takes 4 warps: with 8, ptxas gave it 40 registers and 11 KB of spills under triton
+# 3.6 (under 2 KB with 4, under both).
+_SMALL_SHARED_BWD = {
+    **BWD_CONFIGS[8], "num_stages": 2, "FP32": dict(BLOCK_K=16, num_warps=4),
+}  # fmt: skip
 BWD_CONFIGS.update({(8, 6): _SMALL_SHARED_BWD, (8, 9): _SMALL_SHARED_BWD, 12: _SMALL_SHARED_BWD})
 FWD_CONFIGS[12] = FWD_CONFIGS[8]
 FWD_CONFIG, BWD_CONFIG = FWD_CONFIGS[9], BWD_CONFIGS[9]  # elsewhere (and the interpreter)
@@ -81,13 +93,14 @@ TUNE_BWD = [
     for bn, bv, bk, w, st in ((128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (64, 128, 64, 8, 3),
                               (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3))
 ]  # fmt: skip
-TUNE_BWD.append({**BWD_CONFIGS[9], "GROUP_N": UNGROUPED})
+_HOPPER_BWD = {k: v for k, v in BWD_CONFIGS[9].items() if k != "FP32"}  # a candidate's keys
+TUNE_BWD.append({**_HOPPER_BWD, "GROUP_N": UNGROUPED})
 # "TMA_REDUCE": True (sm_90 and later) adds each backward tile into grad_hidden and grad_weight
 # with one bulk tensor reduction (cp.reduce.async.bulk.tensor) instead of per-thread atomics.
 # The backward is bound by its atomic traffic (bench/NOTES.md); whether L2 takes bulk adds
 # faster is for bench/tune_fused.py to measure, so no table sets it yet. Not an autotuning
 # candidate: its descriptors' boxes are made for the launch's config.
-TUNE_BWD_TMA = [{**BWD_CONFIGS[9], "TMA_REDUCE": True}]
+TUNE_BWD_TMA = [{**_HOPPER_BWD, "TMA_REDUCE": True}]
 # Forward vocabulary splits are whole multiples of this many columns, so that the split layout
 # (and the partials buffer) does not depend on the config's BLOCK_V.
 SPLIT_ALIGN = 256
@@ -419,12 +432,12 @@ def _n_splits(n_blocks: int, units: int, device: torch.device) -> int:
 def fused_config(table: dict, capability: tuple[int, int], dtype: torch.dtype) -> dict:
     """The table's launch config for ``capability`` (an exact (major, minor) key, else its
     major's); fp32 tiles are twice the bytes of bf16/fp16 ones, so they take half the BLOCK_K
-    (shared memory: 208 KiB > A100's 163), or the entry's ``BLOCK_K_FP32``."""
+    (shared memory: 208 KiB > A100's 163), or the entry's ``FP32`` overrides."""
     major = tuple(capability)[0]
     cfg = dict(table.get(tuple(capability), table.get(major, table[9] if major > 9 else table[8])))
-    block_k_fp32 = cfg.pop("BLOCK_K_FP32", cfg["BLOCK_K"] // 2)
+    fp32 = cfg.pop("FP32", {"BLOCK_K": cfg["BLOCK_K"] // 2})
     if dtype == torch.float32:
-        cfg["BLOCK_K"] = block_k_fp32
+        cfg.update(fp32)
     return cfg
 
 
@@ -538,7 +551,7 @@ def fused_tofu_partials(
         n, vocab, h, hidden.stride(0), weight.stride(0), splits, cols_per_split,
         params.beta, softcap, params.ignore_index,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None,
-        **_dot_flags(hidden.dtype), **cfg,
+        **_dot_flags(hidden.dtype), **cfg, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return partials
 
@@ -558,7 +571,7 @@ def fused_tofu_merge(
     merge_block = 128
     _fused_merge_kernel[(triton.cdiv(n, merge_block),)](
         partials, labels, loss, stats, rowterms, n, vocab, partials.shape[1],
-        params.gamma, params.beta, params.ignore_index, BLOCK_N=merge_block,
+        params.gamma, params.beta, params.ignore_index, BLOCK_N=merge_block, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return loss, stats, rowterms
 
@@ -659,7 +672,7 @@ def fused_tofu_bwd(
                 float(filter_eps), gain,
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None,
                 GRAD_X=needs[0], GRAD_W=needs[1], GRAD_B=needs[2], ROW_ERR=row_err,
-                TMA_REDUCE=tma, **_dot_flags(hidden.dtype), **cfg,
+                TMA_REDUCE=tma, **_dot_flags(hidden.dtype), **cfg, **LAUNCH_OPTIONS,
             )  # fmt: skip
             if row_err:
                 cancel_rounding(gx_acc, err, weight, labels[s:e])

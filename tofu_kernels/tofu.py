@@ -8,6 +8,7 @@ import triton.language as tl
 
 from tofu_kernels.reference import tofu_rows
 from tofu_kernels.utils import (
+    LAUNCH_OPTIONS,
     TORCH_DTYPES,
     TOFUParams,
     TOFUStats,
@@ -261,6 +262,7 @@ def tofu_fwd(
         HAS_ERR=grad is not None and grad_err is not None,
         BLOCK_V=block,
         num_warps=num_warps,
+        **LAUNCH_OPTIONS,
     )
     return loss, stats, grad
 

@@ -15,6 +15,10 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # dtypes whose logit gradients round coarsely enough to need utils.cancel_rounding
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
+# Compile options of every kernel launch. FMA contraction is stated, not left to Triton's
+# default: triton 3.9 warns at each first compile that the default (on) turns off in 3.10, and
+# the kernels are tested and tuned with it on.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from tofu_kernels.fused_tofu import (
 from tofu_kernels.tofu import _cap
 from tofu_kernels.utils import (
     HALF_DTYPES,
+    LAUNCH_OPTIONS,
     TOFUParams,
     accumulate,
     cancel_rounding,
@@ -186,7 +187,7 @@ def vocab_chunked_partials(
         _chunk_partials_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
             z, labels, partials, n, z.shape[1], c0, z.stride(0), i, splits,
             params.beta, softcap, params.ignore_index,
-            HAS_SOFTCAP=params.softcap is not None, **cfg,
+            HAS_SOFTCAP=params.softcap is not None, **cfg, **LAUNCH_OPTIONS,
         )  # fmt: skip
     return partials
 
@@ -277,7 +278,7 @@ def vocab_chunked_bwd(
                     rows, c, c0, z.stride(0), rowterms.stride(0), int(scale_s.numel() > 1),
                     params.beta, softcap, params.ignore_index,
                     HAS_SOFTCAP=params.softcap is not None, HAS_ERR=err_blocks is not None,
-                    **cfg,
+                    **cfg, **LAUNCH_OPTIONS,
                 )  # fmt: skip
                 if gw is not None:
                     _weight_grad(gw[c0 : c0 + c], z, x_s, norm, sum_fp32, first=s0 == 0)
