@@ -230,6 +230,15 @@ def test_failures_become_rows(monkeypatch, tmp_path):
         ("unavailable", "skipped: time budget spent")
     ]
 
+    # a provider timed at the headline case only: a row at every other case, which says so
+    cases = (case, dataclasses.replace(case, tokens=2))
+    preset = dataclasses.replace(preset, cases=cases, headline=("t", 2), headline_only=("fine",))
+    rows = run.run(preset, fakes[:1], None, tmp_path)
+    assert [(r["tokens"], r["status"], r["note"]) for r in rows] == [
+        (4, "unavailable", "timed at the headline case only"),
+        (2, "ok", ""),
+    ]
+
 
 def test_card_names(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
