@@ -230,6 +230,9 @@ def test_failures_become_rows(monkeypatch, tmp_path):
         ("unavailable", "skipped: time budget spent")
     ]
 
+    names = {p.name for p in providers.all_providers()}
+    assert set(run.PRESETS["h100"].headline_only) <= names  # no misspelt name skips nothing
+
     # a provider timed at the headline case only: a row at every other case, which says so
     cases = (case, dataclasses.replace(case, tokens=2))
     preset = dataclasses.replace(preset, cases=cases, headline=("t", 2), headline_only=("fine",))
