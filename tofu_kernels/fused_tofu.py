@@ -86,12 +86,14 @@ TUNE_FWD = [
 UNGROUPED = 1 << 16
 TUNE_FWD.append({**FWD_CONFIGS[9], "GROUP_N": UNGROUPED})
 # The larger tiles first (bench/tune_fused.py's budget reaches them): they cut the backward's
-# atomic traffic by a third (bench/NOTES.md), and fit sm_90 with BLOCK_K 32 (168 KiB of shared
-# memory; with BLOCK_K 64 they took 272 KiB and failed on an H100).
+# atomic traffic by a third (bench/NOTES.md). With BLOCK_K 64 and 3 stages they took 272 KiB of
+# shared memory and failed on an H100; they fit sm_90 with 2 stages (224 KiB) or with BLOCK_K 32
+# (168 KiB). 2 stages first: BLOCK_K 32 cost the 128 x 128 tile 24% there.
 TUNE_BWD = [
     dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, GROUP_N=GROUP_ROWS // bn, num_warps=w, num_stages=st)
-    for bn, bv, bk, w, st in ((128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (64, 128, 64, 8, 3),
-                              (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3))
+    for bn, bv, bk, w, st in ((128, 256, 64, 8, 2), (128, 256, 32, 8, 3), (256, 128, 64, 8, 2),
+                              (256, 128, 32, 8, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3),
+                              (128, 128, 32, 8, 4), (128, 64, 64, 4, 3))
 ]  # fmt: skip
 _HOPPER_BWD = {k: v for k, v in BWD_CONFIGS[9].items() if k != "FP32"}  # a candidate's keys
 TUNE_BWD.append({**_HOPPER_BWD, "GROUP_N": UNGROUPED})
