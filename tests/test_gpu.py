@@ -2,7 +2,8 @@
 
 In the order bench/run_gpu.sh can afford them in its 150 s: the cheap checks first (the logits
 kernel, no host sync, CUDA-graph capture), then the Llama-3 head against float64 per impl, then
-inductor (its compiles are the slowest), then the fused backward's bulk reductions (see there).
+inductor (its compiles are the slowest), fp32 through the fused kernels, then the fused
+backward's bulk reductions (see there).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import torch
 from helpers import (
     GRAD_RTOL,
     LINEAR_GRAD_RTOL,
+    LINEAR_LOSS_RTOL,
     assert_close,
     linear_oracle,
+    make_inputs,
     oracle,
     random_labels,
     random_logits,
@@ -211,6 +214,22 @@ def test_inductor_fullgraph_matches_eager(impl):
         results.append((loss, *torch.autograd.grad(loss, (x, w))))
     for got, want in zip(results[1], results[0], strict=True):
         assert_close(got, want, 1e-2, "inductor vs eager")
+
+
+def test_fused_fp32_with_bias_and_softcap_against_oracle():
+    """fp32 inputs (IEEE dots on CUDA cores) through the GPU compiler: the fused backward's fp32
+    launch config is its own (BWD_CONFIGS' "FP32", chosen where ptxas keeps its registers),
+    which no other GPU test runs. An odd vocabulary, bias and softcap."""
+    f32 = torch.float32
+    x, w, b, y = make_inputs((1024,), 1024, 32003, f32, "cuda", bias=True)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    loss = fused_linear_tofu_loss(x, w, y, bias=b, softcap=30.0, impl="fused")
+    loss.backward()
+    ref_loss, gx, gw, gb = linear_oracle(x, w, y, bias=b, gamma=3.0, beta=0.8, softcap=30.0)
+    assert_close(loss, ref_loss, LINEAR_LOSS_RTOL[f32], "loss")
+    for got, want, what in ((x.grad, gx, "hidden"), (w.grad, gw, "weight"), (b.grad, gb, "bias")):
+        assert_close(got, want, LINEAR_GRAD_RTOL[f32], f"grad_{what}")
 
 
 def test_fused_bulk_reduce_llama3_head_bf16_against_oracle(monkeypatch):
