@@ -17,6 +17,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -28,10 +29,11 @@ from tune_fused import launch_config  # noqa: E402
 
 from tofu_kernels import fused_tofu, vocab_chunked  # noqa: E402
 
-# (name, impl, options, a module setting to change for the variant or None): the defaults
+# (name, impl, options, module settings to change for the variant or None): the defaults
 # first, as the baseline. The fused forward's 64x128 tiles were sm_90's default before the
 # first H100 run (31.2 ms against 64x256's 20.5 ms there). vocab_chunked's token slabs
-# (accum_dtype=None) are LEAN_SLAB_ROWS rows.
+# (accum_dtype=None) are a quarter of the tokens, at most LEAN_SLAB_ROWS rows (2048 at 8192
+# tokens), in H-column chunks (4096 at the Llama head; 2048 before this sweep ran).
 FUSED_FWD_NARROW = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, GROUP_N=32, num_warps=8, num_stages=3)
 LEAN = {"accum_dtype": None}
 VARIANTS = [
@@ -44,26 +46,31 @@ VARIANTS = [
     ("vocab_chunked", "vocab_chunked", {}, None),
     *[(f"vocab_chunked-c{c}", "vocab_chunked", {"chunk_size": c}, None) for c in (8192, 16384)],
     ("vocab_chunked-bf16acc", "vocab_chunked", LEAN, None),
-    ("vocab_chunked-bf16acc-c4096", "vocab_chunked", {**LEAN, "chunk_size": 4096}, None),
-    *[
-        (f"vocab_chunked-bf16acc-s{s}", "vocab_chunked", LEAN, ("LEAN_SLAB_ROWS", s))
-        for s in (1024, 4096)
-    ],
+    ("vocab_chunked-bf16acc-c2048", "vocab_chunked", {**LEAN, "chunk_size": 2048}, None),
+    ("vocab_chunked-bf16acc-s1024", "vocab_chunked", LEAN, {"LEAN_SLAB_ROWS": 1024}),
+    (
+        "vocab_chunked-bf16acc-s4096",
+        "vocab_chunked",
+        LEAN,
+        {"LEAN_SLABS": 2, "LEAN_SLAB_ROWS": 4096},
+    ),
     ("fused", "fused", {}, None),
     ("fused-bf16acc", "fused", {"accum_dtype": None}, None),
-    ("fused-fwd64x128", "fused", {}, ("FWD_CONFIGS", FUSED_FWD_NARROW)),
+    ("fused-fwd64x128", "fused", {}, {"FWD_CONFIGS": FUSED_FWD_NARROW}),
 ]
 
 
-def setting(change: tuple[str, object] | None):
-    """A context that applies a variant's module setting and restores it: a fused launch config
-    (under the device's capability key) or vocab_chunked's slab rows."""
-    if change is None:
-        return contextlib.nullcontext()
-    name, value = change
-    if name == "FWD_CONFIGS":
-        return launch_config(fused_tofu.FWD_CONFIGS, value)
-    return mock.patch.object(vocab_chunked, name, value)
+@contextlib.contextmanager
+def setting(changes: dict[str, object] | None) -> Iterator[None]:
+    """Apply a variant's module settings, then restore them: a fused launch config (under the
+    device's capability key), vocab_chunked's token slabs."""
+    with contextlib.ExitStack() as stack:
+        for name, value in (changes or {}).items():
+            if name == "FWD_CONFIGS":
+                stack.enter_context(launch_config(fused_tofu.FWD_CONFIGS, value))
+            else:
+                stack.enter_context(mock.patch.object(vocab_chunked, name, value))
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:

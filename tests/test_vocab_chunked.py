@@ -118,8 +118,17 @@ def test_token_slabs(device, monkeypatch, dtype, frozen):
     # fp32; grad_hidden is allocated in its own dtype
     assert ((7, 40), torch.float32) in shapes and ((23, 40), torch.float32) not in shapes
     assert ((23, 40), dtype) in shapes and ((7 * 128,), dtype) in shapes
-    assert vc_mod.lean_slab_rows(torch.float32, accum_fp32=False) is None  # fp32: no slabs
-    assert vc_mod.lean_slab_rows(dtype, accum_fp32=True) is None
+    assert vc_mod.lean_slab_rows(23, torch.float32, accum_fp32=False) is None  # fp32: no slabs
+    assert vc_mod.lean_slab_rows(23, dtype, accum_fp32=True) is None
+
+
+def test_lean_slab_rows():
+    """A quarter of the tokens in multiples of 256 rows, at most 2048: the temporaries
+    (6 * slab * H bytes) stay under Liger's logits chunk (~2 N H bytes) at 4096 tokens as at
+    8192, and grad_weight takes three read-modify-writes, not N / 2048 - 1."""
+    rows = {n: vc_mod.lean_slab_rows(n, torch.bfloat16, accum_fp32=False) for n in
+            (100, 1000, 4096, 5000, 8192, 16384)}  # fmt: skip
+    assert rows == {100: 256, 1000: 256, 4096: 1024, 5000: 1280, 8192: 2048, 16384: 2048}
 
 
 def test_token_slabs_fp16_weight_gradient_stays_in_range(device, monkeypatch):

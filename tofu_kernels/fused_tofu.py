@@ -766,7 +766,7 @@ def fused_bwd_op(
 
         grads = vocab_chunked_bwd(
             hidden, weight, labels, bias, rowterms, grad_scale, params, tuple(needs), chunk_size,
-            gx_fp32, lean_slab_rows(weight.dtype, accum_fp32),
+            gx_fp32, lean_slab_rows(hidden.shape[0], weight.dtype, accum_fp32),
         )  # fmt: skip
     else:
         grads = fused_tofu_bwd(

@@ -418,12 +418,12 @@ def fused_linear_tofu_loss(
             rounding per chunk) and CCE's (fused: atomics into the gradient, one rounding per
             token block) memory, at up to ~1.2e-2 of the largest entry at the Llama-3 head in
             bf16 against ~3.5e-3 with fp32 (``bench/accum_precision.py``). vocab_chunked has no
-            such accumulator; with None (in bf16/fp16) it runs its backward over token slabs of
-            ``LEAN_SLAB_ROWS`` (2048) tokens: ``grad_hidden`` summed in a slab-sized fp32 buffer
-            instead of an (N, H) one, ``grad_weight`` rounded once per slab (its error grows
-            with the number of slabs: ~6.3e-3 at 8192 tokens in bf16). The recompute impls
-            take fp32 or None, and always sum ``grad_hidden`` in fp32: in bf16 the fused impl's
-            V / 128 tile products per entry would be ~0.1 off.
+            such accumulator; with None (in bf16/fp16) it runs its backward over token slabs
+            (a quarter of the tokens, at most 2048): ``grad_hidden`` summed in a slab-sized
+            fp32 buffer instead of an (N, H) one, ``grad_weight`` rounded once per slab (its
+            error grows with the number of slabs: ~6.3e-3 at 8192 tokens in bf16). The
+            recompute impls take fp32 or None, and always sum ``grad_hidden`` in fp32: in bf16
+            the fused impl's V / 128 tile products per entry would be ~0.1 off.
         drop_ignored: run only valid tokens through the GEMMs. Default: on for CPU tensors; on a
             GPU it needs one host-device sync (the number of valid tokens), so it is opt-in there.
         filter_eps: ``impl="fused"`` only: skip gradient work whose every entry is at most

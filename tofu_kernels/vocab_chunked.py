@@ -51,13 +51,18 @@ GRAD_CONFIG = dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4)
 # about the size of hidden (C = H columns), and C is a multiple of CHUNK_ALIGN.
 MIN_VOCAB_CHUNK = 2048
 CHUNK_ALIGN = 256
-# accum_dtype=None in half precision: the backward runs over token slabs of this many rows
-# (grad_hidden summed in a (slab, H) fp32 buffer, grad_weight across slabs in its own dtype),
-# in chunks of MIN_VOCAB_CHUNK columns. At the Llama-3 head (8192 tokens, bf16) its temporaries
-# are 32 MB + an 8 MB logits buffer against 128 + 64 MB, below Liger's 63 MB (bench/NOTES.md);
-# fp16 adds a (chunk, H) fp32 temporary (32 MB) to sum each chunk's grad_weight at its scale.
-# Up to LEAN_SLAB_ROWS tokens are one slab, as without slabs.
+# accum_dtype=None in half precision: the backward runs over token slabs (grad_hidden summed in
+# a (slab, H) fp32 buffer, grad_weight across slabs in its own dtype), each a quarter of the
+# tokens (LEAN_SLABS) in multiples of SLAB_ALIGN rows, at most LEAN_SLAB_ROWS, in the usual
+# H-column chunks. Its temporaries, 6 * slab * H bytes in bf16 (1.5 N H up to 8192 tokens at H
+# 4096), stay under Liger's (chunk, V) logits buffer (about 2 N H bytes, its chunk being about
+# N H / V rows): at the Llama-3 head with 8192 tokens 32 + 16 MB against 63, with 4096 tokens
+# 16 + 8 against 31 (bench/NOTES.md). fp16 adds a (chunk, H) fp32 temporary (64 MB at H 4096)
+# to sum each chunk's grad_weight at its scale. A quarter of the tokens keeps grad_weight's
+# read-modify-writes to three (1 GB each in bf16 at the Llama head).
+LEAN_SLABS = 4
 LEAN_SLAB_ROWS = 2048
+SLAB_ALIGN = 256
 
 
 @triton.jit
@@ -192,11 +197,15 @@ def vocab_chunked_partials(
     return partials
 
 
-def lean_slab_rows(dtype: torch.dtype, accum_fp32: bool) -> int | None:
-    """Token slab of the backward: ``LEAN_SLAB_ROWS`` where ``grad_weight`` is summed in the
-    weight's half-precision dtype (``accum_dtype=None``), else None (all tokens at once).
-    fp32 takes no slabs: its ``grad_hidden`` accumulator is the gradient itself."""
-    return LEAN_SLAB_ROWS if dtype in HALF_DTYPES and not accum_fp32 else None
+def lean_slab_rows(n: int, dtype: torch.dtype, accum_fp32: bool) -> int | None:
+    """Token slab of the backward over ``n`` tokens where ``grad_weight`` is summed in the
+    weight's half-precision dtype (``accum_dtype=None``): a ``LEAN_SLABS``-th of the tokens,
+    rounded up to ``SLAB_ALIGN`` rows, at most ``LEAN_SLAB_ROWS``; else None (all tokens at
+    once). fp32 takes no slabs: its ``grad_hidden`` accumulator is the gradient itself."""
+    if dtype not in HALF_DTYPES or accum_fp32:
+        return None
+    rows = triton.cdiv(triton.cdiv(n, LEAN_SLABS), SLAB_ALIGN) * SLAB_ALIGN
+    return min(LEAN_SLAB_ROWS, rows)
 
 
 def vocab_chunked_bwd(
@@ -245,8 +254,6 @@ def vocab_chunked_bwd(
         cfg = GRAD_CONFIG
         softcap = params.softcap if params.softcap is not None else 1.0
         chunk = chunk_size or default_vocab_chunk(h, vocab)
-        if not one_slab and chunk_size is None:
-            chunk = min(vocab, MIN_VOCAB_CHUNK)  # a small (slab, chunk) logits buffer
         # the logits' gradient is written in their dtype: scaled to a safe range, undone below
         grad_scale, _, norm = normalized_grad_scale(rowterms, grad_scale, hidden.dtype)
         # fp16 grad_weight rows are summed in fp32 and rounded once, at their own scale: at any
