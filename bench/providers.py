@@ -166,7 +166,8 @@ def all_providers() -> list[Provider]:
         Provider(
             "tofu_kernels/chunked-c4096", ("tofu",), _tofu_kernels("chunked", chunk_size=4096)
         ),
-        # vocab_chunked over token slabs: grad_weight rounded to bf16 once per 2048-token slab
+        # vocab_chunked over token slabs: grad_weight rounded to bf16 once per slab (a quarter
+        # of the tokens, at most 2048)
         Provider(
             "tofu_kernels/vocab_chunked-bf16acc",
             ("tofu",),

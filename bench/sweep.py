@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             row = harness.measure(provider, case, "tofu", inputs, ref, preset)
         row.update(wall_s=time.monotonic() - start, variant=name, impl=impl)
         row["options"] = {k: str(v) for k, v in options.items()}
+        row["settings"] = {k: str(v) for k, v in (change or {}).items()}
         rows.append(row)
         if args.out is not None:  # after every row: a call cut short keeps what it measured
             args.out.mkdir(parents=True, exist_ok=True)

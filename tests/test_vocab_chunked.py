@@ -123,12 +123,16 @@ def test_token_slabs(device, monkeypatch, dtype, frozen):
 
 
 def test_lean_slab_rows():
-    """A quarter of the tokens in multiples of 256 rows, at most 2048: the temporaries
-    (6 * slab * H bytes) stay under Liger's logits chunk (~2 N H bytes) at 4096 tokens as at
-    8192, and grad_weight takes three read-modify-writes, not N / 2048 - 1."""
-    rows = {n: vc_mod.lean_slab_rows(n, torch.bfloat16, accum_fp32=False) for n in
-            (100, 1000, 4096, 5000, 8192, 16384)}  # fmt: skip
-    assert rows == {100: 256, 1000: 256, 4096: 1024, 5000: 1280, 8192: 2048, 16384: 2048}
+    """At least four even slabs of at most 2048 rows, in multiples of 128: the temporaries
+    (6 * slab * H bytes with H-column chunks) stay under Liger's logits chunk (~2 N H bytes) at
+    4096 tokens as at 8192, grad_weight takes three read-modify-writes up to 8192 tokens, and
+    no slab is a few rows (8193 tokens: five of 1664, not four of 2048 and one of 1)."""
+    ns = (0, 100, 1000, 1025, 4096, 5000, 8192, 8193, 16384)
+    rows = {n: vc_mod.lean_slab_rows(n, torch.bfloat16, accum_fp32=False) for n in ns}
+    assert rows == {
+        0: 1, 100: 128, 1000: 256, 1025: 384, 4096: 1024, 5000: 1280, 8192: 2048, 8193: 1664,
+        16384: 2048,
+    }  # fmt: skip
 
 
 def test_token_slabs_fp16_weight_gradient_stays_in_range(device, monkeypatch):

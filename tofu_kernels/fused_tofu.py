@@ -76,7 +76,8 @@ _SMALL_SHARED_BWD = {
 BWD_CONFIGS.update({(8, 6): _SMALL_SHARED_BWD, (8, 9): _SMALL_SHARED_BWD, 12: _SMALL_SHARED_BWD})
 FWD_CONFIGS[12] = FWD_CONFIGS[8]
 FWD_CONFIG, BWD_CONFIG = FWD_CONFIGS[9], BWD_CONFIGS[9]  # elsewhere (and the interpreter)
-# Opt-in autotuning (TOFU_AUTOTUNE=1): these candidates are timed once per (H, V, dtypes).
+# Opt-in autotuning (TOFU_AUTOTUNE=1): these candidates are timed once per (H, V, dtypes), as
+# they are for every dtype (fp32 too: the tables' FP32 overrides do not apply).
 TUNE_FWD = [
     dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, GROUP_N=GROUP_ROWS // bn, num_warps=w, num_stages=st)
     for bn, bv, bk, w, st in ((64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),

@@ -17,8 +17,11 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
 # Compile options of every kernel launch. FMA contraction is stated, not left to Triton's
 # default: triton 3.9 warns at each first compile that the default (on) turns off in 3.10, and
-# the kernels are tested and tuned with it on.
-LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+# the kernels are tested and tuned with it on. A TRITON_DEFAULT_FP_FUSION set in the
+# environment is the user's choice, and stays in force.
+LAUNCH_OPTIONS = (
+    {} if os.environ.get("TRITON_DEFAULT_FP_FUSION") is not None else {"enable_fp_fusion": True}
+)
 
 
 @dataclass(frozen=True)

@@ -52,17 +52,18 @@ GRAD_CONFIG = dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4)
 MIN_VOCAB_CHUNK = 2048
 CHUNK_ALIGN = 256
 # accum_dtype=None in half precision: the backward runs over token slabs (grad_hidden summed in
-# a (slab, H) fp32 buffer, grad_weight across slabs in its own dtype), each a quarter of the
-# tokens (LEAN_SLABS) in multiples of SLAB_ALIGN rows, at most LEAN_SLAB_ROWS, in the usual
-# H-column chunks. Its temporaries, 6 * slab * H bytes in bf16 (1.5 N H up to 8192 tokens at H
-# 4096), stay under Liger's (chunk, V) logits buffer (about 2 N H bytes, its chunk being about
-# N H / V rows): at the Llama-3 head with 8192 tokens 32 + 16 MB against 63, with 4096 tokens
-# 16 + 8 against 31 (bench/NOTES.md). fp16 adds a (chunk, H) fp32 temporary (64 MB at H 4096)
-# to sum each chunk's grad_weight at its scale. A quarter of the tokens keeps grad_weight's
-# read-modify-writes to three (1 GB each in bf16 at the Llama head).
+# a (slab, H) fp32 buffer, grad_weight across slabs in its own dtype) in the usual chunks: at
+# least LEAN_SLABS slabs of at most LEAN_SLAB_ROWS rows, of even size in multiples of
+# SLAB_ALIGN rows. Its temporaries, 4 * slab * H + 2 * slab * C bytes in bf16 (1.5 N H with H-column
+# chunks up to 8192 tokens), stay under Liger's (chunk, V) logits buffer (about 2 N H bytes,
+# its chunk being about N H / V rows) from ~2048 tokens on: at the Llama-3 head with 8192 tokens
+# 32 + 16 MB against 63, with 4096 tokens 16 + 8 against 31 (bench/NOTES.md). fp16 adds a
+# (chunk, H) fp32 temporary (64 MB at H 4096) to sum each chunk's grad_weight at its scale.
+# Four slabs keep grad_weight's read-modify-writes to three up to 8192 tokens (1 GB each in
+# bf16 at the Llama head); beyond, one per LEAN_SLAB_ROWS tokens.
 LEAN_SLABS = 4
 LEAN_SLAB_ROWS = 2048
-SLAB_ALIGN = 256
+SLAB_ALIGN = 128
 
 
 @triton.jit
@@ -199,13 +200,16 @@ def vocab_chunked_partials(
 
 def lean_slab_rows(n: int, dtype: torch.dtype, accum_fp32: bool) -> int | None:
     """Token slab of the backward over ``n`` tokens where ``grad_weight`` is summed in the
-    weight's half-precision dtype (``accum_dtype=None``): a ``LEAN_SLABS``-th of the tokens,
-    rounded up to ``SLAB_ALIGN`` rows, at most ``LEAN_SLAB_ROWS``; else None (all tokens at
-    once). fp32 takes no slabs: its ``grad_hidden`` accumulator is the gradient itself."""
+    weight's half-precision dtype (``accum_dtype=None``): ``n`` split evenly into at least
+    ``LEAN_SLABS`` slabs of at most ``LEAN_SLAB_ROWS`` rows, rounded up to ``SLAB_ALIGN`` rows
+    (no slab of a few rows, which would cost a pass over the weight for nothing); else None
+    (all tokens at once). fp32 takes no slabs: its ``grad_hidden`` accumulator is the gradient
+    itself."""
     if dtype not in HALF_DTYPES or accum_fp32:
         return None
-    rows = triton.cdiv(triton.cdiv(n, LEAN_SLABS), SLAB_ALIGN) * SLAB_ALIGN
-    return min(LEAN_SLAB_ROWS, rows)
+    slabs = max(LEAN_SLABS, triton.cdiv(n, LEAN_SLAB_ROWS))
+    rows = triton.cdiv(triton.cdiv(n, slabs), SLAB_ALIGN) * SLAB_ALIGN
+    return max(1, min(LEAN_SLAB_ROWS, rows))
 
 
 def vocab_chunked_bwd(
