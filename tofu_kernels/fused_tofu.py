@@ -78,10 +78,13 @@ FWD_CONFIGS[12] = FWD_CONFIGS[8]
 FWD_CONFIG, BWD_CONFIG = FWD_CONFIGS[9], BWD_CONFIGS[9]  # elsewhere (and the interpreter)
 # Opt-in autotuning (TOFU_AUTOTUNE=1): these candidates are timed once per (H, V, dtypes), as
 # they are for every dtype (fp32 too: the tables' FP32 overrides do not apply).
+# sm_90's default first, then its untimed deeper pipelines (4 stages, or BLOCK_K 128 in 2: 160
+# KiB of shared memory), then the rest, which the first H100 run timed slower.
 TUNE_FWD = [
     dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, GROUP_N=GROUP_ROWS // bn, num_warps=w, num_stages=st)
-    for bn, bv, bk, w, st in ((64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
-                              (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 128, 4, 3))
+    for bn, bv, bk, w, st in ((64, 256, 64, 8, 3), (64, 256, 64, 8, 4), (64, 256, 128, 8, 2),
+                              (128, 256, 64, 8, 3), (64, 128, 128, 4, 3), (128, 128, 64, 8, 3),
+                              (64, 128, 64, 8, 3), (128, 128, 64, 4, 4))
 ]  # fmt: skip
 # ...and the default without groups (token blocks fastest over the whole grid), to measure them
 UNGROUPED = 1 << 16
