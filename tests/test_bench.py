@@ -53,14 +53,17 @@ MUST_BE_OK = {"tofu_kernels/chunked", "tofu_kernels/torch", "torch_eager", "gemm
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[Path, Path, list[dict]]:
+    """The smoke preset through bench/run_gpu.sh, the GPU run's one command (without its GPU
+    tests, and with no wheel folder), so that a GPU session never finds a fault in it first."""
     out = tmp_path_factory.mktemp("bench")
     published = out / "published"
     env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # python3
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    cmd = [sys.executable, "bench/run.py", "--preset", "smoke", "--out", str(out)]
+    cmd = ["bash", "bench/run_gpu.sh", str(out), "--preset", "smoke", "--no-tests"]
     proc = subprocess.run(
-        [*cmd, "--publish", str(published)],
+        [*cmd, "--wheels", str(out / "no-wheels"), "--results", str(published)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -68,6 +71,9 @@ def smoke(tmp_path_factory) -> tuple[Path, Path, list[dict]]:
         timeout=240,  # about 30 s on 2 idle cores; generous for a loaded CI machine
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # what it prints last is the headline table and its goal lines; the log has all of it
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("Goal, "), proc.stdout[-3000:]
+    assert "== benchmark: preset smoke" in (out / "run_gpu.log").read_text()
     return out, published, json.loads((out / "results.json").read_text())
 
 
