@@ -258,8 +258,13 @@ def vocab_chunked_bwd(
         cfg = GRAD_CONFIG
         softcap = params.softcap if params.softcap is not None else 1.0
         chunk = chunk_size or default_vocab_chunk(h, vocab)
-        # the logits' gradient is written in their dtype: scaled to a safe range, undone below
-        grad_scale, _, norm = normalized_grad_scale(rowterms, grad_scale, hidden.dtype)
+        # fp16 logits' gradient is written scaled to a safe range by a power of two, undone
+        # below. bf16 and fp32 have the range to write it at its own scale: the same power of
+        # two would change no digit there (short of subnormals, at upstream gradients under
+        # ~1e-30) and cost a pass over grad_weight at the end (2 GB in bf16 at the Llama head).
+        norm = None
+        if half_range(hidden.dtype):
+            grad_scale, _, norm = normalized_grad_scale(rowterms, grad_scale, hidden.dtype)
         # fp16 grad_weight rows are summed in fp32 and rounded once, at their own scale: at any
         # fixed scale that keeps an N-row sum under 65504, small rows are subnormals or zeros
         # (an H100 run at 8192 tokens found 2% of grad_weight's entries off, some by 100%)
@@ -304,12 +309,11 @@ def vocab_chunked_bwd(
                 err_s = err_blocks[: blocks * rows].view(blocks, rows).sum(0)
                 cancel_rounding(acc_s, err_s, weight, y_s)
             if acc_s is not None:
-                acc_s.mul_(norm)
+                if norm is not None:
+                    acc_s.mul_(norm)
                 if acc is not None:
                     gx[s0:s1] = acc_s
-        if gw is not None and not sum_fp32:
-            gw.mul_(norm)
-        if gb is not None:
+        if gb is not None and norm is not None:
             gb.mul_(norm)
     if gx is not None and not gx_fp32:
         gx = gx.to(hidden.dtype)
@@ -319,11 +323,11 @@ def vocab_chunked_bwd(
 
 
 def _weight_grad(
-    gw: torch.Tensor, z: torch.Tensor, x: torch.Tensor, norm: torch.Tensor, sum_fp32: bool,
-    first: bool,
+    gw: torch.Tensor, z: torch.Tensor, x: torch.Tensor, norm: torch.Tensor | None,
+    sum_fp32: bool, first: bool,
 ) -> None:  # fmt: skip
-    """``gw (=|+=) z.T @ x``: in fp32 and rounded once at the true scale (``* norm``) with
-    ``sum_fp32``, else at the logits' gradient scale (undone once ``gw`` is complete)."""
+    """``gw (=|+=) z.T @ x``: in fp32 and rounded once at the true scale (``* norm``, fp16)
+    with ``sum_fp32``, else in ``gw``'s dtype (the logits' gradient is at its true scale)."""
     if sum_fp32:
         if first:
             torch.mul(mm_fp32(z.t(), x), norm, out=gw)
