@@ -185,8 +185,22 @@ def vocab_chunked_specs():
             yield label, kernel, signature, {**flags, **blocks}, options
 
 
+def scale_specs():
+    """The chunked backward's scaling pass (skipped in-kernel where its factor is 1), per dtype."""
+    from tofu_kernels import linear_tofu
+
+    for ty in ("*fp32", "*bf16", "*fp16"):
+        signature = {"g_ptr": ty, "factor_ptr": "*fp32", "n": "i64", "BLOCK": "constexpr"}
+        yield (
+            f"scale_unless_one[{ty}]", linear_tofu._scale_unless_one_kernel, signature,
+            {"BLOCK": linear_tofu.SCALE_BLOCK}, {"num_warps": 4},
+        )  # fmt: skip
+
+
 def all_specs(capability: tuple[int, int]):
-    return [*kernel_specs(), *fused_kernel_specs(capability), *vocab_chunked_specs()]
+    return [
+        *kernel_specs(), *fused_kernel_specs(capability), *vocab_chunked_specs(), *scale_specs(),
+    ]  # fmt: skip
 
 
 def compile_one(job: tuple[int, int, bool]) -> tuple[str, str | None]:

@@ -377,6 +377,48 @@ def test_memory_fused_vs_materialized():
     assert nograd["peak_mb"] <= 4 * chunk_mb  # about one chunk (with its fp32 temporaries)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_unless_one(device, dtype):
+    """The chunked backward's scaling pass: a factor of 1 leaves the gradient as it is (on a GPU
+    its kernel then moves no memory), any other scales it with one rounding, as torch's fp32
+    multiply does; over a size that is not a multiple of the kernel's block."""
+    g = torch.randn(3, linear_mod.SCALE_BLOCK + 5, device=device).to(dtype)
+    before = g.clone()
+    linear_mod.scale_unless_one(g, torch.ones((), device=device))
+    assert torch.equal(g, before)
+    linear_mod.scale_unless_one(g, torch.tensor(0.3, device=device))
+    exact = before.float() * torch.tensor(0.3, device=device)
+    if dtype == torch.bfloat16 and device == "cpu":  # the interpreter truncates fp32 to bf16
+        torch.testing.assert_close(g.float(), exact, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(g, exact.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_chunked_backward_factor_is_one_unless_fp16(device, monkeypatch, dtype):
+    """bf16 and fp32 gradients are stored at their own scale, so the usual loss.backward()
+    hands the scaling pass a factor of 1 (skipped: Liger pays a host sync to skip it); fp16's
+    are a power of two off, which backward undoes. An upstream gradient of 3 scales all."""
+    factors = []
+    real = linear_mod.scale_unless_one
+
+    def spy(grad, factor):
+        factors.append(float(factor))
+        real(grad, factor)
+
+    monkeypatch.setattr(linear_mod, "scale_unless_one", spy)
+    x, w, b, y = make_inputs((37,), 40, 301, dtype, device, bias=True)
+    for go in (1.0, 3.0):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+        loss = fused_linear_tofu_loss(*leaves[:2], y, bias=leaves[2], impl="chunked")
+        loss.backward(torch.tensor(go))
+        ref = linear_oracle(x, w, y, bias=b, gamma=3.0, beta=0.8, grad_output=torch.tensor(go))
+        for got, want in zip([t.grad for t in leaves], ref[1:], strict=True):
+            assert rel_err(got, want) < LINEAR_GRAD_RTOL[dtype]
+    ones = [f == 1.0 for f in factors[:3]]
+    assert ones == [dtype != torch.float16] * 3 and not any(f == 1.0 for f in factors[3:])
+
+
 def test_default_chunk_size():
     # chunk logits about the size of hidden, at least MIN_CHUNK_ROWS rows, at most all rows
     assert linear_mod.default_chunk_size(8192, 4096, 128256) == 262

@@ -19,12 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 from tofu_kernels.fused_tofu import FusedParams, FusedTOFUFunction, shard_layout
 from tofu_kernels.tofu import tofu_fwd, tofu_fwd_torch
 from tofu_kernels.utils import (
     HALF_DTYPES,
     KERNEL_DTYPES,
+    LAUNCH_OPTIONS,
     TORCH_DTYPES,
     TOFUParams,
     TOFUStats,
@@ -157,13 +160,15 @@ def linear_tofu_fwd(
     m = hidden.shape[0]
 
     acc_dtype = torch.promote_types(params.accum_dtype or weight.dtype, weight.dtype)
-    # the kernel's gradient peaks near the headroom (the largest grad_scale over a power of two
-    # near it, times the headroom); `norm` undoes that exactly
+    # fp16: the kernel's gradient peaks near the headroom (the largest grad_scale over a power of
+    # two near it, times the headroom); `norm` undoes that exactly. bf16 and fp32 have the range
+    # to store it at its own scale (a power of two would change no digit), so that backward's
+    # factor is grad_output itself: 1 in the usual loss.backward(), which scale_unless_one skips
     room = headroom(dtype)
     norm = torch.full(
         (1,), 1.0 / room, dtype=torch.promote_types(dtype, torch.float32), device=device
     )
-    if any_grad and grad_scale is not None and grad_scale.numel():
+    if any_grad and half_range(dtype) and grad_scale is not None and grad_scale.numel():
         norm = pow2_near(grad_scale.abs().max().reshape(1).to(norm.dtype)) / room
         grad_scale = grad_scale / norm
     elif any_grad and grad_scale is None and room != 1.0:
@@ -292,6 +297,48 @@ def _call_linear_op(x, weight, y, bias, params, grad_scale, needs):
     return loss, stats, *grads, norms
 
 
+# Elements per program of the backward's scaling pass (memory-bound; 4 warps).
+SCALE_BLOCK = 4096
+
+
+@triton.jit
+def _scale_unless_one_kernel(
+    # pointers: the gradient (n elements, contiguous), scaled in place; the fp32 factor (1,)
+    g_ptr, factor_ptr,
+    # size
+    n,
+    # meta
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    factor = tl.load(factor_ptr)
+    if factor != 1.0:  # the usual loss.backward(): no memory traffic at all
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        tl.store(g_ptr + offs, (g * factor).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.library.custom_op("tofu_kernels::scale_unless_one", mutates_args=("grad",))
+def _scale_unless_one_op(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    n = grad.numel()
+    if n:
+        _scale_unless_one_kernel[(triton.cdiv(n, SCALE_BLOCK),)](
+            grad, factor, n, BLOCK=SCALE_BLOCK, num_warps=4, **LAUNCH_OPTIONS
+        )
+
+
+def scale_unless_one(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """``grad *= factor`` (a device scalar), rounded once. On a GPU, a kernel reads the factor
+    and leaves ``grad`` untouched where it is 1 (the usual ``loss.backward()``, with bf16/fp32
+    gradients stored at their own scale): no pass over a 1 GB ``grad_weight`` and no host sync
+    (Liger's backward asks the host, ``torch.equal``, to skip its pass)."""
+    kernel = grad.is_cuda or (interpreting() and grad.device.type == "cpu")
+    if kernel and grad.dtype in KERNEL_DTYPES and grad.is_contiguous():
+        _scale_unless_one_op(grad, factor.reshape(1).to(torch.float32))
+    else:  # an fp32 (or fp64) factor with a dimension: grad is rounded once
+        grad.mul_(factor.reshape((1,) * grad.ndim))
+
+
 class LinearTOFUFunction(torch.autograd.Function):
     """Mean/sum: gradients made in forward (at a unit scale), scaled in backward. "none":
     recomputed in backward, since a per-token ``grad_output`` must weigh each row before the sum
@@ -347,8 +394,8 @@ class LinearTOFUFunction(torch.autograd.Function):
             *grads, norms = ctx.saved_tensors
             factor = grad_loss.to(norms.dtype)
         for i, g in enumerate(grads):
-            if g is not None:  # an fp32 factor with a dimension: g is rounded once
-                g.mul_((norms[i] * factor).reshape((1,) * g.ndim))
+            if g is not None:
+                scale_unless_one(g, norms[i] * factor)
         g_hidden, g_weight, g_bias = grads
         if g_hidden is not None:
             g_hidden = g_hidden.view(ctx.hidden_shape)
