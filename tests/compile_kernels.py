@@ -191,9 +191,10 @@ def scale_specs():
 
     for ty in ("*fp32", "*bf16", "*fp16"):
         signature = {"g_ptr": ty, "factor_ptr": "*fp32", "n": "i64", "BLOCK": "constexpr"}
+        cfg = linear_tofu.SCALE_CONFIG
         yield (
             f"scale_unless_one[{ty}]", linear_tofu._scale_unless_one_kernel, signature,
-            {"BLOCK": linear_tofu.SCALE_BLOCK}, {"num_warps": 4},
+            {"BLOCK": cfg["BLOCK"]}, {"num_warps": cfg["num_warps"]},
         )  # fmt: skip
 
 

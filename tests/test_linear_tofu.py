@@ -382,7 +382,7 @@ def test_scale_unless_one(device, dtype):
     """The chunked backward's scaling pass: a factor of 1 leaves the gradient as it is (on a GPU
     its kernel then moves no memory), any other scales it with one rounding, as torch's fp32
     multiply does; over a size that is not a multiple of the kernel's block."""
-    g = torch.randn(3, linear_mod.SCALE_BLOCK + 5, device=device).to(dtype)
+    g = torch.randn(3, linear_mod.SCALE_CONFIG["BLOCK"] + 5, device=device).to(dtype)
     before = g.clone()
     linear_mod.scale_unless_one(g, torch.ones((), device=device))
     assert torch.equal(g, before)

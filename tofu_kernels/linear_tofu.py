@@ -4,7 +4,7 @@ The full ``(N, V)`` logits never exist: each chunk of tokens gets its logits in 
 the TOFU kernel turns them into per-token losses and, in place, into the logits' gradient, and two
 GEMMs fold that gradient into ``grad_hidden`` (this chunk's rows) and ``grad_weight`` (summed over
 chunks in fp32). Gradients are produced in forward; backward only scales them by ``grad_output``
-(and by the power of two they were stored over).
+(and, in fp16, by the power of two they were stored over).
 
 The public :func:`fused_linear_tofu_loss` also dispatches to the impls that recompute in backward
 (``tofu_kernels.vocab_chunked``, ``tofu_kernels.fused_tofu``).
@@ -133,10 +133,11 @@ def linear_tofu_fwd(
     losses and ``(4, N)`` stats as :func:`tofu_kernels.tofu.tofu_fwd`, and the gradients of
     ``sum_t grad_scale[t] * loss[t]`` (``grad_scale`` with 1 or N elements, fp32 or fp64;
     None means 1) for the inputs asked for, in the inputs' dtypes (None for the others), each
-    divided by a power of two: ``norms`` (3,) holds them (the gradient is ``grad * norms[i]``).
-    The logits' gradient is formed with ``grad_scale`` over a power of two near its largest
-    entry, times :func:`~tofu_kernels.utils.headroom`: fp16 has a narrow range, and at a mean's
-    1/N most of its entries would be subnormals or zeros. In fp16, ``grad_weight`` and
+    divided by a power of two: ``norms`` (3,) holds them (the gradient is ``grad * norms[i]``;
+    all 1 but in fp16). In fp16 the logits' gradient is formed with ``grad_scale`` over a power
+    of two near its largest entry, times :func:`~tofu_kernels.utils.headroom`: fp16 has a narrow
+    range, and at a mean's 1/N most of its entries would be subnormals or zeros. In fp16,
+    ``grad_weight`` and
     ``grad_bias``, sums over N rows, are stored over a power of two near their largest entry
     (fp32 accumulator) or near N (fp16 accumulator, by :func:`rows_gain`).
     """
@@ -297,8 +298,8 @@ def _call_linear_op(x, weight, y, bias, params, grad_scale, needs):
     return loss, stats, *grads, norms
 
 
-# Elements per program of the backward's scaling pass (memory-bound; 4 warps).
-SCALE_BLOCK = 4096
+# Launch config of the backward's scaling pass (memory-bound): elements per program, warps.
+SCALE_CONFIG = dict(BLOCK=4096, num_warps=4)
 
 
 @triton.jit
@@ -322,8 +323,8 @@ def _scale_unless_one_kernel(
 def _scale_unless_one_op(grad: torch.Tensor, factor: torch.Tensor) -> None:
     n = grad.numel()
     if n:
-        _scale_unless_one_kernel[(triton.cdiv(n, SCALE_BLOCK),)](
-            grad, factor, n, BLOCK=SCALE_BLOCK, num_warps=4, **LAUNCH_OPTIONS
+        _scale_unless_one_kernel[(triton.cdiv(n, SCALE_CONFIG["BLOCK"]),)](
+            grad, factor, n, **SCALE_CONFIG, **LAUNCH_OPTIONS
         )
 
 
@@ -332,15 +333,14 @@ def scale_unless_one(grad: torch.Tensor, factor: torch.Tensor) -> None:
     and leaves ``grad`` untouched where it is 1 (the usual ``loss.backward()``, with bf16/fp32
     gradients stored at their own scale): no pass over a 1 GB ``grad_weight`` and no host sync
     (Liger's backward asks the host, ``torch.equal``, to skip its pass)."""
-    kernel = grad.is_cuda or (interpreting() and grad.device.type == "cpu")
-    if kernel and grad.dtype in KERNEL_DTYPES and grad.is_contiguous():
+    if use_triton("auto", grad.device, grad.dtype) and grad.is_contiguous():
         _scale_unless_one_op(grad, factor.reshape(1).to(torch.float32))
     else:  # an fp32 (or fp64) factor with a dimension: grad is rounded once
         grad.mul_(factor.reshape((1,) * grad.ndim))
 
 
 class LinearTOFUFunction(torch.autograd.Function):
-    """Mean/sum: gradients made in forward (at a unit scale), scaled in backward. "none":
+    """Mean/sum: gradients made in forward (fp16 at a unit scale), scaled in backward. "none":
     recomputed in backward, since a per-token ``grad_output`` must weigh each row before the sum
     into ``grad_weight``."""
 
@@ -363,8 +363,9 @@ class LinearTOFUFunction(torch.autograd.Function):
         deferred = tofu.reduction == "none" and any(needs)
         fwd_needs = tuple(need and not deferred for need in needs)
         grad_scale = None if scale is None else scale.reshape(1)
-        # stored at about 1 (a mean's 1/N would put fp16 gradients into subnormals, where fp16
-        # loss scaling in backward could not win their digits back), times `norms` in backward
+        # fp16 stored at about 1 (a mean's 1/N would put its gradients into subnormals, where
+        # fp16 loss scaling in backward could not win their digits back), times `norms` in
+        # backward; bf16 and fp32 at their own scale (`norms` 1)
         loss_rows, row_stats, *grads, norms = _call_linear_op(
             x, weight, y, bias, params, grad_scale, fwd_needs
         )
