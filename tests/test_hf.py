@@ -246,6 +246,29 @@ def test_tied_and_frozen_heads(device):
     assert_grads_close(got, ref_grads)
 
 
+def test_backbone_by_get_decoder(device):
+    """transformers 4.x's Gemma-3 text model names a missing attribute as its base model prefix
+    (``base_model`` is the model itself): the backbone is found by ``get_decoder()``."""
+    model = tiny_model("gemma3_text", device)
+    # Gemma3ForCausalLM in transformers 4.57: the prefix names no attribute; its get_decoder()
+    model.base_model_prefix = "language_model"
+    model.get_decoder = lambda: model.model
+    assert model.base_model is model
+    ids, mask, labels = batch(device)
+    ref, _ = published(model, ids, mask, labels)
+    apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
+    # the bypass guard sits on that backbone: going around the patched forward raises
+    patched, model.forward = model.forward, lambda *args, **kwargs: None
+    with pytest.raises(RuntimeError, match="TOFUSFTTrainer"):
+        model.model(input_ids=ids)
+    model.forward = patched
+    revert_tofu_kernel(model)
+    assert not model.model._forward_pre_hooks
+    model.model(input_ids=ids)
+
+
 @pytest.mark.parametrize("where", ["lora_on_lm_head", "modules_to_save"])
 def test_peft_heads(where, device):
     peft = pytest.importorskip("peft")

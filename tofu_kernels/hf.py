@@ -513,6 +513,18 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
+def _decoder(lm: nn.Module) -> nn.Module | None:
+    """The backbone whose ``last_hidden_state`` feeds ``lm_head``: ``base_model``, or
+    ``get_decoder()`` where ``base_model_prefix`` names no attribute (transformers 4.x's
+    Gemma-3 text model: prefix ``language_model``, backbone ``model``); None if neither is one."""
+    base = getattr(lm, "base_model", None)
+    if isinstance(base, nn.Module) and base is not lm:
+        return base
+    get_decoder = getattr(lm, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    return decoder if isinstance(decoder, nn.Module) and decoder is not lm else None
+
+
 def _check_causal_lm(lm: nn.Module) -> nn.Module:
     name = type(lm).__name__
     config = getattr(lm, "config", None)
@@ -525,7 +537,7 @@ def _check_causal_lm(lm: nn.Module) -> nn.Module:
         raise UnsupportedModelError(f"{name} is an encoder-decoder model; TOFU is patched into "
                                     "decoder-only causal LMs")  # fmt: skip
     head = lm.get_output_embeddings()
-    if head is None or not hasattr(lm, "base_model") or lm.base_model is lm:
+    if head is None or _decoder(lm) is None:
         raise UnsupportedModelError(
             f"{name} has no lm_head and decoder pair; apply_tofu_kernel needs a *ForCausalLM "
             "whose decoder returns last_hidden_state"
@@ -693,7 +705,7 @@ def apply_tofu_kernel(
     state.patched = types.MethodType(forward, lm)
     setattr(lm, _STATE, state)
     lm.forward = state.patched
-    lm.base_model.register_forward_pre_hook(
+    _decoder(lm).register_forward_pre_hook(
         functools.partial(_bypass_guard, state, _OwnerForward(lm))
     )
     return model
@@ -716,7 +728,7 @@ def revert_tofu_kernel(model: nn.Module) -> nn.Module:
         del lm.forward
     else:
         lm.forward = state.previous
-    hooks = lm.base_model._forward_pre_hooks
+    hooks = _decoder(lm)._forward_pre_hooks
     for key, hook in list(hooks.items()):
         if isinstance(hook, functools.partial) and hook.func is _bypass_guard:
             del hooks[key]
