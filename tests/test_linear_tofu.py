@@ -26,10 +26,13 @@ from helpers import (
     make_inputs,
     random_labels,
     rel_err,
+    returns_of,
     shared_direction_head,
 )
 from tofu_kernels import FusedLinearTOFULoss, fused_linear_tofu_loss, tofu_loss
+from tofu_kernels import fused_tofu as fused_mod
 from tofu_kernels import linear_tofu as linear_mod
+from tofu_kernels import vocab_chunked as vc_mod
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The two kernel impls share the oracle tests; each also has tests of its own mechanics.
@@ -417,6 +420,33 @@ def test_chunked_backward_factor_is_one_unless_fp16(device, monkeypatch, dtype):
             assert rel_err(got, want) < LINEAR_GRAD_RTOL[dtype]
     ones = [f == 1.0 for f in factors[:3]]
     assert ones == [dtype != torch.float16] * 3 and not any(f == 1.0 for f in factors[3:])
+
+
+# bf16 and fp32 with either grad_weight accumulation (vocab_chunked: token slabs with
+# accum_dtype=None; fused: atomics into the gradient), and fp16 for contrast
+@pytest.mark.parametrize("accum_dtype", [torch.float32, None], ids=["fp32acc", "acc_none"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", ["vocab_chunked", "fused"])
+def test_recompute_backward_scales_only_fp16(device, monkeypatch, impl, dtype, accum_dtype):
+    """The recompute impls form the logits' gradient in backward: fp16 scaled by a power of two
+    near its largest entry, undone afterwards; bf16 and fp32 have the range to form it at its
+    own scale (no pass over grad_weight to undo a scale), so an upstream gradient of 2^-90
+    still gives float64's gradients, per-token, with bias and softcap."""
+    monkeypatch.setattr(vc_mod, "LEAN_SLAB_ROWS", 16)  # vocab_chunked's slabs: 16 rows
+    module = vc_mod if impl == "vocab_chunked" else fused_mod
+    scaled = returns_of(monkeypatch, module, "normalized_grad_scale")
+    x, w, b, y = make_inputs((37,), 40, 301, dtype, device, bias=True)
+    opts = dict(softcap=20.0, reduction="none")
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+    loss = fused_linear_tofu_loss(
+        *leaves[:2], y, bias=leaves[2], impl=impl, accum_dtype=accum_dtype, **opts
+    )
+    go = torch.rand_like(loss) * (2.0**-90 if dtype != torch.float16 else 1.0)
+    loss.backward(go)
+    assert bool(scaled) == (dtype == torch.float16)
+    _, *ref = linear_oracle(x, w, y, bias=b, gamma=3.0, beta=0.8, grad_output=go, **opts)
+    for got, want, name in zip([t.grad for t in leaves], ref, ("x", "w", "b"), strict=True):
+        assert rel_err(got, want) < LINEAR_GRAD_RTOL[dtype], (name, rel_err(got, want))
 
 
 def test_default_chunk_size():

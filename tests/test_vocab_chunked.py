@@ -14,7 +14,6 @@ from helpers import (
     linear_oracle,
     make_inputs,
     rel_err,
-    returns_of,
 )
 from tofu_kernels import fused_linear_tofu_loss
 from tofu_kernels import vocab_chunked as vc_mod
@@ -52,30 +51,6 @@ def test_default_chunk():
     assert vc_mod.default_vocab_chunk(896, 151936) == vc_mod.MIN_VOCAB_CHUNK
     assert vc_mod.default_vocab_chunk(4000, 3000) == 3000
     assert vc_mod.default_vocab_chunk(4000, 10**6) % vc_mod.CHUNK_ALIGN == 0
-
-
-# bf16 and fp32, with and without token slabs (accum_dtype None / fp32), and fp16 for contrast
-@pytest.mark.parametrize("accum_dtype", [torch.float32, None], ids=["fp32acc", "acc_none"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gradient_scale_only_where_fp16_needs_it(device, monkeypatch, dtype, accum_dtype):
-    """fp16 forms the logits' gradient scaled by a power of two near its largest entry, undone
-    afterwards; bf16 and fp32 have the range to form it at its own scale (no pass over
-    grad_weight to undo a scale), so an upstream gradient of 2^-90 still gives float64's
-    gradients, per-token, with bias and softcap."""
-    monkeypatch.setattr(vc_mod, "LEAN_SLAB_ROWS", 16)  # accum_dtype=None: slabs of 16 rows
-    scaled = returns_of(monkeypatch, vc_mod, "normalized_grad_scale")
-    x, w, b, y = make_inputs((37,), 40, 301, dtype, device, bias=True)
-    opts = dict(softcap=20.0, reduction="none")
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
-    loss = fused_linear_tofu_loss(
-        *leaves[:2], y, bias=leaves[2], impl="vocab_chunked", accum_dtype=accum_dtype, **opts
-    )
-    go = torch.rand_like(loss) * (2.0**-90 if dtype != torch.float16 else 1.0)
-    loss.backward(go)
-    assert bool(scaled) == (dtype == torch.float16)
-    _, *ref = linear_oracle(x, w, y, bias=b, gamma=3.0, beta=0.8, grad_output=go, **opts)
-    for got, want, name in zip([t.grad for t in leaves], ref, ("x", "w", "b"), strict=True):
-        assert rel_err(got, want) < LINEAR_GRAD_RTOL[dtype], (name, rel_err(got, want))
 
 
 def spy_allocations(monkeypatch) -> list:

@@ -32,7 +32,9 @@ from tofu_kernels.utils import (
     TOFUParams,
     cancel_rounding,
     check_backward,
+    half_range,
     interpreting,
+    max_row_weight,
     normalized_grad_scale,
     reduce_loss,
     reduction_scale,
@@ -643,8 +645,14 @@ def fused_tofu_bwd(
     gw = torch.zeros(vocab, h, dtype=w_acc, device=dev) if needs[1] else None
     gb = torch.zeros(vocab, dtype=f32, device=dev) if needs[2] else None
     if n and any(needs):
-        grad_scale, wmax, norm = normalized_grad_scale(rowterms, grad_scale, hidden.dtype)
-        gain = rows_gain(n, w_acc)
+        # fp16's gradient is formed near its headroom, the scale undone below; bf16 and fp32
+        # have the range to form it at its own scale (no pass over grad_weight to undo one)
+        norm = None
+        if half_range(hidden.dtype):
+            grad_scale, wmax, norm = normalized_grad_scale(rowterms, grad_scale, hidden.dtype)
+        else:
+            wmax = max_row_weight(rowterms, grad_scale)  # the filtering's reference
+        gain = rows_gain(n, w_acc)  # 1 unless the accumulator is fp16
         kernel, cfg = _launcher(
             _fused_bwd_kernel, BWD_CONFIGS, TUNE_BWD, hidden,
             ("gx_ptr", "gw_ptr", "gb_ptr", "err_ptr"),
@@ -683,13 +691,15 @@ def fused_tofu_bwd(
             if row_err:
                 cancel_rounding(gx_acc, err, weight, labels[s:e])
             if needs[0]:
-                gx_acc.mul_(norm)
+                if norm is not None:
+                    gx_acc.mul_(norm)
                 if gx_dtype != f32:  # fp32 grad_hidden was summed in place
                     gx[s:e] = gx_acc
-        if gw is not None:
-            gw.mul_(norm / gain)
-        if gb is not None:
-            gb.mul_(norm)
+        if norm is not None:
+            if gw is not None:
+                gw.mul_(norm / gain)
+            if gb is not None:
+                gb.mul_(norm)
     # Cast one fp32 buffer at a time, dropping each before the next cast.
     if gw is not None:
         gw = gw.to(weight.dtype)

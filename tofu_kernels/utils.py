@@ -133,6 +133,13 @@ def headroom(dtype: torch.dtype) -> float:
     return FP16_HEADROOM if half_range(dtype) else 1.0
 
 
+def max_row_weight(rowterms: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
+    """The largest row weight ``g * |grad_scale|`` ``(1,)`` over the fused merge's per-row terms
+    ``rowterms (4, N)`` (row 3: the focal weight g): a bound on every entry of the logits'
+    gradient, on the device."""
+    return (rowterms[3] * grad_scale.abs().expand(rowterms.shape[1])).max().reshape(1)
+
+
 def normalized_grad_scale(
     rowterms: torch.Tensor, grad_scale: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,8 +152,7 @@ def normalized_grad_scale(
     softmax's whole off-target gradient), and a tiny upstream gradient or a confident batch
     flushes them too. Multiplying the sums back by ``norm`` is exact; sums into an fp16
     gradient take a :func:`rows_gain` as well."""
-    n = rowterms.shape[1]
-    wmax = (rowterms[3] * grad_scale.abs().expand(n)).max().reshape(1)
+    wmax = max_row_weight(rowterms, grad_scale)
     norm = pow2_near(wmax) / headroom(dtype)
     return grad_scale / norm, wmax / norm, norm
 
