@@ -246,6 +246,36 @@ def test_tied_and_frozen_heads(device):
     assert_grads_close(got, ref_grads)
 
 
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+def test_compiled_model(impl, device):
+    """torch.compile(model) of a patched model (Trainer's torch_compile=True): the decoder and
+    the fused loss trace into one graph (lm_head's forward is swapped outside it); loss and
+    gradients as eager, evaluation unchanged. It raised AttributeError before the swap ran
+    eagerly: dynamo replayed it out of order around a graph break."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = tiny_model("llama", device)
+    ids, mask, labels = batch(device)
+    apply_tofu_kernel(model, gamma=GAMMA, beta=BETA, impl=impl)
+    eager = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    eager.backward()
+    want = grads(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    loss = compiled(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    torch.testing.assert_close(loss, eager.detach(), rtol=1e-5, atol=0)
+    assert_grads_close(grads(model), want)
+    graph = max(counter.graphs, key=lambda g: len(g.graph.nodes))
+    targets = {str(node.target) for node in graph.graph.nodes}
+    assert "autograd_function_apply" in targets and "embedding" in str(targets)
+    model.eval()
+    with torch.no_grad():
+        logits = compiled(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(logits, model(input_ids=ids, attention_mask=mask).logits)
+
+
 def test_backbone_by_get_decoder(device):
     """transformers 4.x's Gemma-3 text model names a missing attribute as its base model prefix
     (``base_model`` is the model itself): the backbone is found by ``get_decoder()``."""

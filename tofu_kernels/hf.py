@@ -251,14 +251,20 @@ def _swapped_forward(module: nn.Module, fn: Callable[..., Any]) -> Iterator[Call
     attr = "_old_forward" if hooked else "forward"
     previous = vars(module).get(attr, _MISSING)
     replaced = getattr(module, attr)
-    setattr(module, attr, fn)
+    _set_instance_attr(module, attr, fn)
     try:
         yield replaced
     finally:
-        if previous is _MISSING:
-            delattr(module, attr)
-        else:
-            setattr(module, attr, previous)
+        _set_instance_attr(module, attr, previous)
+
+
+@torch.compiler.disable  # eager under torch.compile: dynamo would replay it out of order
+def _set_instance_attr(module: nn.Module, attr: str, value: Any) -> None:
+    """``module.attr = value``, or no instance attribute where ``value`` is ``_MISSING``."""
+    if value is _MISSING:
+        delattr(module, attr)
+    else:
+        setattr(module, attr, value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,7 +412,7 @@ def _tofu_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 def _original_forward(model: nn.Module, state: _TOFUState | None) -> Callable[..., Any]:
     if state is not None and state.previous is not None:
         return state.previous
-    return types.MethodType(type(model).forward, model)
+    return functools.partial(type(model).forward, model)  # dynamo traces a partial, not a method
 
 
 def _forward_with_labels(
