@@ -276,6 +276,44 @@ def test_compiled_model(impl, device):
         torch.testing.assert_close(logits, model(input_ids=ids, attention_mask=mask).logits)
 
 
+def test_gradient_checkpointing_and_accelerate_hooks(device):
+    """Gradient checkpointing (both forms), and accelerate hooks on lm_head (as device_map and
+    offloading install them, before or after the patch): the hook still runs around the fused
+    loss, and loss and gradients are the published loss's."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Count(ModelHook):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+
+    ids, mask, labels = batch(device)
+    for setup in ("reentrant", "non_reentrant", "hook_before", "hook_after"):
+        torch.manual_seed(0)
+        model = tiny_model("llama", device)
+        ref, _ = published(model, ids, mask, labels)
+        ref.backward()
+        want = grads(model)
+        hook = Count()
+        if setup.endswith("reentrant"):
+            kwargs = {"use_reentrant": setup == "reentrant"}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if setup == "hook_before":
+            add_hook_to_module(model.lm_head, hook)
+        apply_tofu_kernel(model, gamma=GAMMA, beta=BETA, impl="chunked", verify=False)
+        if setup == "hook_after":
+            add_hook_to_module(model.lm_head, hook)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0, msg=setup)
+        assert_grads_close(grads(model), want)
+        assert hook.calls == (1 if setup.startswith("hook") else 0), setup
+
+
 def test_backbone_by_get_decoder(device):
     """transformers 4.x's Gemma-3 text model names a missing attribute as its base model prefix
     (``base_model`` is the model itself): the backbone is found by ``get_decoder()``."""
