@@ -314,6 +314,60 @@ def test_gradient_checkpointing_and_accelerate_hooks(device):
         assert hook.calls == (1 if setup.startswith("hook") else 0), setup
 
 
+VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+
+
+def tiny_vlm(arch: str, device) -> nn.Module:
+    torch.manual_seed(0)
+    text = {**COMMON, "head_dim": 8}
+    if arch == "llava":
+        config = transformers.LlavaConfig(
+            text_config={"model_type": "llama", **text}, image_token_index=VOCAB - 1,
+            vision_config={**VISION, "image_size": 28, "patch_size": 14},
+        )  # fmt: skip
+        model = transformers.LlavaForConditionalGeneration(config)
+    elif arch == "gemma3":
+        config = transformers.Gemma3Config(
+            text_config=text, vision_config={**VISION, "image_size": 28, "patch_size": 14}
+        )
+        model = transformers.Gemma3ForConditionalGeneration(config)
+    else:  # multimodal rotary sections: head_dim / 2 frequencies in all
+        rope = {"type": "mrope", "mrope_section": [1, 1, 2]}
+        config = transformers.Qwen2_5_VLConfig(
+            text_config={**text, "rope_scaling": rope},
+            vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32,
+                           "num_heads": 2, "out_hidden_size": text["hidden_size"]},
+        )  # fmt: skip
+        model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    return model.to(device).train()
+
+
+@pytest.mark.parametrize("arch", ["llava", "gemma3", "qwen2_5_vl"])
+def test_vision_language_models(arch, device):
+    """Vision-language ``*ForConditionalGeneration`` models whose loss is transformers' causal
+    LM loss take the same patch: lm_head reads the language model's hidden states. LLaVA with
+    an image (4 patch tokens in the prompt, which the labels ignore), the others on text."""
+    model = tiny_vlm(arch, device)
+    ids, mask, labels = batch(device)
+    extra = {}
+    if arch == "llava":
+        ids = ids.clamp(max=VOCAB - 2)
+        ids[:, 1:5] = VOCAB - 1  # the image's place
+        labels = torch.where(labels == -100, labels, ids)
+        labels[:, :5] = -100
+        extra["pixel_values"] = torch.randn(2, 3, 28, 28, device=device)
+    ref, _ = published(model, ids, mask, labels, **extra)
+    ref.backward()
+    want = grads(model)
+    apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels, **extra).loss
+    loss.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
+    got = grads(model)
+    assert_grads_close(got, want)
+    assert arch != "llava" or any("vision_tower" in name for name in got)
+
+
 def test_backbone_by_get_decoder(device):
     """transformers 4.x's Gemma-3 text model names a missing attribute as its base model prefix
     (``base_model`` is the model itself): the backbone is found by ``get_decoder()``."""
