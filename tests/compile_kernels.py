@@ -199,9 +199,10 @@ def scale_specs():
 
 
 def all_specs(capability: tuple[int, int]):
-    return [
-        *kernel_specs(), *fused_kernel_specs(capability), *vocab_chunked_specs(), *scale_specs(),
-    ]  # fmt: skip
+    fused = list(fused_kernel_specs(capability))
+    if capability == (8, 6):  # the fused kernels' configs differ; the others compile as for 8.0
+        return fused
+    return [*kernel_specs(), *fused, *vocab_chunked_specs(), *scale_specs()]
 
 
 def compile_one(job: tuple[int, int, bool]) -> tuple[str, str | None]:
@@ -234,7 +235,9 @@ def compile_one(job: tuple[int, int, bool]) -> tuple[str, str | None]:
     )
     if spills and int(spills.group(1)) > SPILL_LIMIT:
         return line, f"FAIL {label}: {spills.group(1)} B spilled per thread"
-    if kernel.metadata.shared > SHARED_LIMIT[target.arch]:
+    # kernels compiled for one sm_8x only must fit every card's shared memory
+    limit = SHARED_LIMIT[target.arch] if name.startswith("fused") else min(SHARED_LIMIT.values())
+    if kernel.metadata.shared > limit:
         return line, f"FAIL {label}: {kernel.metadata.shared} B of shared memory"
     if "tma]" in name and "cp.reduce.async.bulk.tensor" not in kernel.asm["ptx"]:
         return line, f"FAIL {label}: TMA_REDUCE compiled without bulk tensor reductions"
