@@ -433,6 +433,7 @@ def test_recompute_backward_scales_only_fp16(device, monkeypatch, impl, dtype, a
     own scale (no pass over grad_weight to undo a scale), so an upstream gradient of 2^-90
     still gives float64's gradients, per-token, with bias and softcap."""
     monkeypatch.setattr(vc_mod, "LEAN_SLAB_ROWS", 16)  # vocab_chunked's slabs: 16 rows
+    monkeypatch.setattr(vc_mod, "FP32_SUM_ROWS", 64)  # fp16 grad_weight: 5 blocks, 1 short
     module = vc_mod if impl == "vocab_chunked" else fused_mod
     scaled = returns_of(monkeypatch, module, "normalized_grad_scale")
     x, w, b, y = make_inputs((37,), 40, 301, dtype, device, bias=True)

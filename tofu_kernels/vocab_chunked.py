@@ -57,13 +57,15 @@ CHUNK_ALIGN = 256
 # SLAB_ALIGN rows. Its temporaries, 4 * slab * H + 2 * slab * C bytes in bf16 (1.5 N H with H-column
 # chunks up to 8192 tokens), stay under Liger's (chunk, V) logits buffer (about 2 N H bytes,
 # its chunk being about N H / V rows) from ~2048 tokens on: at the Llama-3 head with 8192 tokens
-# 32 + 16 MB against 63, with 4096 tokens 16 + 8 against 31 (bench/NOTES.md). fp16 adds a
-# (chunk, H) fp32 temporary (64 MB at H 4096) to sum each chunk's grad_weight at its scale.
+# 32 + 16 MB against 63, with 4096 tokens 16 + 8 against 31 (bench/NOTES.md). fp16 adds an
+# fp32 temporary to sum grad_weight at its scale, FP32_SUM_ROWS rows of it at a time (8 MB at
+# H 4096, not the chunk's 64 MB).
 # Four slabs keep grad_weight's read-modify-writes to three up to 8192 tokens (1 GB each in
 # bf16 at the Llama head); beyond, one per LEAN_SLAB_ROWS tokens.
 LEAN_SLABS = 4
 LEAN_SLAB_ROWS = 2048
 SLAB_ALIGN = 128
+FP32_SUM_ROWS = 512
 
 
 @triton.jit
@@ -327,12 +329,15 @@ def _weight_grad(
     sum_fp32: bool, first: bool,
 ) -> None:  # fmt: skip
     """``gw (=|+=) z.T @ x``: in fp32 and rounded once at the true scale (``* norm``, fp16)
-    with ``sum_fp32``, else in ``gw``'s dtype (the logits' gradient is at its true scale)."""
+    with ``sum_fp32``, ``FP32_SUM_ROWS`` rows at a time, else in ``gw``'s dtype (the logits'
+    gradient is at its true scale)."""
     if sum_fp32:
-        if first:
-            torch.mul(mm_fp32(z.t(), x), norm, out=gw)
-        else:
-            gw.add_(mm_fp32(z.t(), x).mul_(norm))
+        for r0 in range(0, gw.shape[0], FP32_SUM_ROWS):
+            rows, z_rows = gw[r0 : r0 + FP32_SUM_ROWS], z[:, r0 : r0 + FP32_SUM_ROWS]
+            if first:
+                torch.mul(mm_fp32(z_rows.t(), x), norm, out=rows)
+            else:
+                rows.add_(mm_fp32(z_rows.t(), x).mul_(norm))
     elif first:
         torch.mm(z.t(), x, out=gw)
     else:
