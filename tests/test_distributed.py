@@ -59,6 +59,7 @@ def _worker(rank: int, world: int, init_file: str) -> None:
             assert rel_err(part[2], full[2][lo:hi]) < 1e-5, (rank, i, "grad_weight shard")
             if b is not None:
                 assert rel_err(part[3].grad, full[3].grad[lo:hi]) < 1e-5, (rank, i, "grad_bias")
+        _ignore_index_in_a_shard(rank, world)
         _half_precision_shards(rank, world)
         dist.barrier()  # both ranks done before either tears gloo down (an abort at exit else)
     finally:
@@ -67,6 +68,27 @@ def _worker(rank: int, world: int, init_file: str) -> None:
     # passed aborted there (SIGABRT/SIGBUS in a C++ thread of gloo or OpenMP), failing the test.
     sys.stdout.flush()
     os._exit(0)
+
+
+def _ignore_index_in_a_shard(rank: int, world: int) -> None:
+    """ignore_index 0 and every target at rank 1's first column: a shard's local ids must not
+    mistake that target (local id 0) for an ignored row (its rows were skipped: NaN)."""
+    from helpers import make_inputs, rel_err
+
+    torch.manual_seed(50)
+    x, w, _, _ = make_inputs((21,), 37, 301, torch.float32, "cpu")
+    first = int(torch.tensor_split(torch.arange(301), world)[1][0])
+    y = torch.where(torch.rand(21) < 0.3, 0, first)
+    shards = torch.tensor_split(torch.arange(301), world)[rank]
+    lo, hi = int(shards[0]), int(shards[-1]) + 1
+    for impl in ("fused", "vocab_chunked"):
+        kwargs = dict(ignore_index=0, reduction="sum", impl=impl)
+        full = _run(x, w, None, y, torch.tensor(1.0), **kwargs)
+        part = _run(x, w[lo:hi], None, y, torch.tensor(1.0), process_group=dist.group.WORLD,
+                    **kwargs)  # fmt: skip
+        assert rel_err(part[0], full[0]) < 1e-6, (rank, impl, "loss", part[0], full[0])
+        assert rel_err(part[1], full[1]) < 1e-5, (rank, impl, "grad_hidden")
+        assert rel_err(part[2], full[2][lo:hi]) < 1e-5, (rank, impl, "grad_weight shard")
 
 
 def _half_precision_shards(rank: int, world: int) -> None:

@@ -115,6 +115,29 @@ def test_oracle_num_items_in_batch_3d_noncontiguous(device, impl):
 
 
 @pytest.mark.parametrize("impl", [*KERNEL_IMPLS, "torch"])
+def test_strided_and_expanded_bias(device, impl):
+    """A bias that is every other entry of a longer tensor, or one value expanded (stride 0):
+    the fused kernels read it densely (its loss was off, and NaN from reading past the one
+    stored value, until it was made contiguous)."""
+    x, w, _, y = make_inputs((30,), 37, 301, torch.float32, device)
+    for stored in (2 * 301, 1):
+        base = torch.randn(stored, device=device, requires_grad=True)
+        b = base[::2] if stored > 1 else base.expand(301)
+        leaves = [t.clone().requires_grad_(True) for t in (x, w)]
+        loss = fused_linear_tofu_loss(*leaves, y, bias=b, impl=impl)
+        loss.backward()
+        ref_loss, gx, gw, gb = linear_oracle(x, w, y, bias=b.detach().contiguous(), gamma=3.0,
+                                             beta=0.8)  # fmt: skip
+        tol = LINEAR_GRAD_RTOL[torch.float32]
+        for got, want in ((loss, ref_loss), (leaves[0].grad, gx), (leaves[1].grad, gw)):
+            assert rel_err(got, want) < tol
+        if stored > 1:
+            assert rel_err(base.grad[::2], gb) < tol and (base.grad[1::2] == 0).all()
+        else:  # the entries' gradients summed: about 0 (each row's sums to 0), to gb's scale
+            assert abs(base.grad.item() - gb.sum().item()) < tol * gb.abs().max().item()
+
+
+@pytest.mark.parametrize("impl", [*KERNEL_IMPLS, "torch"])
 def test_strided_labels(device, impl):
     """A strided 1-D view of labels, without dropping ignored rows (the GPU's default path)."""
     x, w, b, y = make_inputs((30,), 37, 301, torch.float32, device, bias=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -837,13 +837,19 @@ def shard_layout(local_vocab: int, group) -> tuple[int, int]:
     return _SHARDS[key]
 
 
+# A shard's labels: its target columns 0..V_local-1; ignored rows and targets on other shards
+# get ids no column has. Not the global ignore_index: one in [0, V_local) (0, say) would make a
+# target in the shard's first columns look ignored (its row's partials were then skipped: NaN).
+LOCAL_IGNORE, LOCAL_ELSEWHERE = -1, -2
+
+
 def _local_labels(y: torch.Tensor, params: FusedParams, local_vocab: int) -> torch.Tensor:
-    """Global labels to this shard's columns; targets elsewhere get an id no column matches."""
-    ignore = params.tofu.ignore_index
-    outside = -1 if ignore != -1 else -2
+    """Global labels to this shard's columns (ignored: ``LOCAL_IGNORE``, targets elsewhere:
+    ``LOCAL_ELSEWHERE``); the kernels then take ``ignore_index=LOCAL_IGNORE``."""
     local = y - params.vocab_offset
     in_shard = (local >= 0) & (local < local_vocab)
-    return torch.where(y == ignore, y, torch.where(in_shard, local, torch.full_like(y, outside)))
+    local = torch.where(in_shard, local, torch.full_like(y, LOCAL_ELSEWHERE))
+    return torch.where(y == params.tofu.ignore_index, torch.full_like(y, LOCAL_IGNORE), local)
 
 
 def _vocab_parallel_fwd(x, w, y, bias, params: FusedParams):
@@ -851,8 +857,8 @@ def _vocab_parallel_fwd(x, w, y, bias, params: FusedParams):
     them, and the merge (identical on every rank) the global loss, g and softmax terms."""
     group = params.process_group
     partials = recompute_partials(
-        x, w, _local_labels(y, params, w.shape[0]), bias, params.tofu, params.impl,
-        params.chunk_size,
+        x, w, _local_labels(y, params, w.shape[0]), bias,
+        replace(params.tofu, ignore_index=LOCAL_IGNORE), params.impl, params.chunk_size,
     )  # fmt: skip
     mine = collapse_splits(partials, params.tofu.beta).contiguous()
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
@@ -882,6 +888,8 @@ class FusedTOFUFunction(torch.autograd.Function):
         if x.stride(-1) != 1:
             x = x.contiguous()
         w = weight if weight.stride(-1) == 1 else weight.contiguous()
+        if bias is not None:
+            bias = bias.contiguous()  # the fused kernels read bias[col] densely
         y = labels.reshape(-1)
         t = params.tofu
         if params.process_group is None:
@@ -910,8 +918,9 @@ class FusedTOFUFunction(torch.autograd.Function):
             grad_scale = grad_scale * scale
         t = ctx.params.tofu
         sharded = ctx.params.process_group is not None
+        ignore = LOCAL_IGNORE if sharded else t.ignore_index  # y holds the shard's labels
         grads = fused_bwd_op(
-            x, w, y, bias, rowterms, grad_scale, t.gamma, t.beta, t.ignore_index, t.softcap,
+            x, w, y, bias, rowterms, grad_scale, t.gamma, t.beta, ignore, t.softcap,
             list(ctx.needs), ctx.params.filter_eps, ctx.params.accum_fp32, ctx.params.impl,
             ctx.params.chunk_size, sharded,
         )  # fmt: skip
