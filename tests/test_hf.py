@@ -11,12 +11,14 @@ with Trainer, not the kernel, which the equivalence tests here and the kernel te
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
 import transformers
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 import tofu_kernels
 from helpers import TINY_LLAMA, returns_of
@@ -56,6 +58,11 @@ ARCHS = {
         {"head_dim": 8, "final_logit_softcapping": 2.0},
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        {"n_inner": 64, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    ),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
     "mixtral": (
@@ -106,7 +113,8 @@ def assert_grads_close(actual, expected, rtol=1e-4):
         assert err < rtol, f"{name}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("arch", ISSUE_ARCHS)
+# and GPT-2, whose class name gives no loss_type (transformers then uses the causal LM loss)
+@pytest.mark.parametrize("arch", [*ISSUE_ARCHS, "gpt2"])
 def test_loss_and_gradients_match_published(arch, device):
     model = tiny_model(arch, device)
     ids, mask, labels = batch(device)
@@ -116,7 +124,7 @@ def test_loss_and_gradients_match_published(arch, device):
 
     apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    assert isinstance(out, CausalLMOutputWithPast) and out.logits is None
+    assert isinstance(out, ModelOutput) and out.logits is None
     torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-5, atol=0)
     out.loss.backward()
     assert_grads_close(grads(model), ref_grads)
@@ -274,6 +282,14 @@ def test_compiled_model(impl, device):
     with torch.no_grad():
         logits = compiled(input_ids=ids, attention_mask=mask).logits
         torch.testing.assert_close(logits, model(input_ids=ids, attention_mask=mask).logits)
+    # patching the compiled wrapper patches the model inside (it broke every forward)
+    revert_tofu_kernel(model)
+    model.train()
+    apply_tofu_kernel(compiled, gamma=GAMMA, beta=BETA, impl=impl)
+    assert is_tofu_patched(model) and is_tofu_patched(compiled)
+    out = compiled(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, eager.detach(), rtol=1e-5, atol=0)
 
 
 def test_gradient_checkpointing_and_accelerate_hooks(device):
@@ -489,6 +505,16 @@ def test_unsupported_models_raise(device):
         with pytest.raises(UnsupportedModelError):
             apply_tofu_kernel(model)
         assert "forward" not in vars(model)
+    # a *ForCausalLM whose own loss does not shift labels (Bart's decoder): the patch would
+    # train each position on the token two ahead
+    bart = transformers.BartConfig(
+        vocab_size=VOCAB, d_model=32, decoder_layers=1, encoder_layers=1, decoder_ffn_dim=64,
+        encoder_ffn_dim=64, decoder_attention_heads=2, encoder_attention_heads=2, init_std=0.5,
+    )  # fmt: skip
+    model = transformers.BartForCausalLM(bart).to(device)
+    with pytest.raises(UnsupportedModelError, match="does not shift labels"):
+        apply_tofu_kernel(model)
+    assert not is_tofu_patched(model) and "forward" not in vars(model)
 
     model = ScaledForCausalLM(_ScaledConfig(**COMMON)).to(device)
     with pytest.raises(UnsupportedModelError, match="register_head_spec"):
@@ -522,13 +548,17 @@ def test_tofu_loss_func(device):
         loss_func(model(input_ids=ids, labels=labels), labels)
 
 
-def test_deepcopy(device):
+def test_deepcopy_and_pickle(device):
+    """Copies train with TOFU too. A pickled one (torch.save(model)) came back saying it was
+    patched but trained with cross-entropy: its forward was saved as a lookup by name."""
     model = apply_tofu_kernel(tiny_model("llama", device), impl="torch")
-    clone = copy.deepcopy(model)
     ids, mask, labels = batch(device)
-    assert clone(input_ids=ids, labels=labels).logits is None
-    revert_tofu_kernel(clone)
-    assert is_tofu_patched(model) and not is_tofu_patched(clone)
+    loss = model(input_ids=ids, labels=labels).loss
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        out = clone(input_ids=ids, labels=labels)
+        assert out.logits is None and torch.equal(out.loss, loss)
+        revert_tofu_kernel(clone)
+        assert is_tofu_patched(model) and not is_tofu_patched(clone)
     assert model(input_ids=ids, labels=labels).logits is None
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import types
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -501,6 +500,24 @@ def _bypass_guard(state: _TOFUState, owner_forward: Callable[[], Any], module: n
         raise RuntimeError(_TRL_MESSAGE)
 
 
+class _PatchedForward:
+    """The instance ``forward`` that :func:`apply_tofu_kernel` installs. A module-level callable,
+    not a bound closure: pickle saves a bound method as a lookup of its name on the model, which
+    found the class's own forward on load (a copy that said it was patched, training with
+    cross-entropy); this one is saved and copied along with its model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _tofu_forward(self.model, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The class forward's, bound: Trainer and generate() inspect it (loss kwargs, columns)."""
+        return inspect.signature(functools.partial(type(self.model).forward, self.model))
+
+
 class _OwnerForward:
     """Reads the owner's instance ``forward`` (deep-copyable, unlike a lambda over the model)."""
 
@@ -512,7 +529,8 @@ class _OwnerForward:
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    """The transformers model inside a ``torch.compile`` or PEFT wrapper (or the model itself)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model): patch the model inside
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base) and hasattr(model, "peft_config"):
         return get_base()
@@ -559,10 +577,11 @@ def _check_causal_lm(lm: nn.Module) -> nn.Module:
 def _shifts_labels(lm: nn.Module) -> bool:
     """True when the model's own loss is transformers' ForCausalLMLoss (as ``Trainer`` decides)."""
     try:
-        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+        from transformers.loss.loss_utils import ForCausalLMLoss
     except ImportError:  # pragma: no cover - transformers is how such a model was built
         return type(lm).__name__.endswith("ForCausalLM")
-    return LOSS_MAPPING.get(getattr(lm, "loss_type", None)) is ForCausalLMLoss
+    # as the loss_function property resolves it: no or an unknown loss_type means ForCausalLM
+    return getattr(lm, "loss_function", None) is ForCausalLMLoss
 
 
 def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> None:
@@ -581,7 +600,7 @@ def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> N
     lm.eval()
     try:
         with torch.no_grad():
-            out = original(input_ids=ids, use_cache=False, return_dict=True)
+            out = original(input_ids=ids, labels=ids, use_cache=False, return_dict=True)
             if len(seen) != 1:
                 raise UnsupportedModelError(
                     f"{type(lm).__name__} called lm_head {len(seen)} times in one forward; the "
@@ -596,6 +615,7 @@ def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> N
             if state.softcap is not None:
                 expected = state.softcap * torch.tanh(expected / state.softcap)
             logits = out["logits"].float()
+            own_loss = out.get("loss")
     finally:
         hook.remove()
         for m, mode in modes.items():
@@ -606,6 +626,19 @@ def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> N
             f"lm_head ({type(head).__name__}) does not compute hidden @ weight.T + bias as "
             "apply_tofu_kernel reads it; its fused loss would be wrong"
         )
+    if own_loss is not None and logits.shape[1] == ids.shape[1]:
+        # a *ForCausalLM whose own loss does not shift (Bart's, TrOCR's, Whisper's decoders):
+        # TOFU of the shifted labels would train each position on the token two ahead
+        flat = logits.flatten(0, 1)
+        unshifted = F.cross_entropy(flat, ids.flatten())
+        shifted = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        own = own_loss.float()
+        if _close(own, unshifted, tol) and not _close(own, shifted, tol):
+            raise UnsupportedModelError(
+                f"{type(lm).__name__}'s own loss does not shift labels (labels[t] is the target "
+                "of position t), unlike transformers' causal LM loss, which apply_tofu_kernel "
+                "follows; its fused TOFU loss would train on the wrong tokens"
+            )
     if logits.shape != expected.shape or not _close(logits, expected, tol):
         raise UnsupportedModelError(
             f"{type(lm).__name__} (model_type={lm.config.model_type!r}) transforms lm_head's "
@@ -703,12 +736,7 @@ def apply_tofu_kernel(
     if verify:
         _verify(lm, _original_forward(lm, state), state)
 
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return _tofu_forward(self, *args, **kwargs)
-
-    # The class's signature: Trainer and generate() inspect it (loss kwargs, dataset columns).
-    functools.update_wrapper(forward, type(lm).forward)
-    state.patched = types.MethodType(forward, lm)
+    state.patched = _PatchedForward(lm)
     setattr(lm, _STATE, state)
     lm.forward = state.patched
     _decoder(lm).register_forward_pre_hook(
