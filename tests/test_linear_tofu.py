@@ -338,6 +338,11 @@ BAD_INPUTS = [
     (dict(accum_dtype=torch.int32), ValueError, "accum_dtype"),
     (dict(accum_dtype=torch.float64, impl="fused"), ValueError, "accum_dtype"),
     (dict(accum_dtype=torch.float16, impl="vocab_chunked"), ValueError, "accum_dtype"),
+    (dict(filter_eps=float("nan"), impl="fused"), ValueError, "filter_eps"),  # zeroed grads
+    (dict(filter_eps=float("inf"), impl="fused"), ValueError, "filter_eps"),
+    (dict(filter_eps=-1.0, impl="fused"), ValueError, "filter_eps"),
+    (dict(num_items_in_batch=torch.tensor([3, 3])), ValueError, "num_items_in_batch"),
+    (dict(bias=[0.0] * 5), TypeError, "bias"),
 ]
 
 
@@ -509,14 +514,16 @@ def test_none_reduction_backward_twice_accumulates(device):
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS + ["torch"])
-def test_int32_labels(device, impl):
+def test_narrow_int_labels(device, impl):
+    """int32 and int16 labels as int64 (the torch impl's scatter took int64 only)."""
     x, w, b, y = make_inputs((11,), 37, 301, torch.float32, device, bias=True)
     x.requires_grad_(True)
     ref = fused_linear_tofu_loss(x, w, y, bias=b, impl=impl, chunk_size=4)
     (gx,) = torch.autograd.grad(ref, x)
-    loss = fused_linear_tofu_loss(x, w, y.to(torch.int32), bias=b, impl=impl, chunk_size=4)
-    (gx32,) = torch.autograd.grad(loss, x)
-    assert torch.equal(loss, ref) and torch.equal(gx32, gx)
+    for dtype in (torch.int32, torch.int16):
+        loss = fused_linear_tofu_loss(x, w, y.to(dtype), bias=b, impl=impl, chunk_size=4)
+        (gx_narrow,) = torch.autograd.grad(loss, x)
+        assert torch.equal(loss, ref) and torch.equal(gx_narrow, gx), dtype
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)

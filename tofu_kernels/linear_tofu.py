@@ -512,11 +512,12 @@ def fused_linear_tofu_loss(
             f"hidden must be (..., H) with H = weight.shape[1] = {weight.shape[1]}, "
             f"got {tuple(hidden.shape)}"
         )
+    if bias is not None:
+        check_tensor("bias", bias, TORCH_DTYPES)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, expected {hidden.device} (hidden's)")
     if bias is not None:
-        check_tensor("bias", bias, TORCH_DTYPES)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     check_labels(labels, hidden.shape[:-1], hidden.device)
@@ -525,6 +526,12 @@ def fused_linear_tofu_loss(
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if filter_eps is not None and (
+        isinstance(filter_eps, bool)
+        or not isinstance(filter_eps, (int, float))
+        or not 0 <= filter_eps < math.inf  # NaN or inf zeroed every gradient
+    ):
+        raise ValueError(f"filter_eps must be a finite number >= 0 or None, got {filter_eps!r}")
 
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):

@@ -107,7 +107,7 @@ def tofu_rows(
     z = softcap_logits(a, softcap)
     valid = labels != ignore_index
     in_range = (labels >= 0) & (labels < v)
-    y = torch.where(in_range, labels, torch.zeros_like(labels)).unsqueeze(1)
+    y = torch.where(in_range, labels, torch.zeros_like(labels)).long().unsqueeze(1)  # int8 too
     onehot = torch.zeros_like(z, dtype=torch.bool).scatter_(1, y, True)
 
     m = z.max(dim=1, keepdim=True).values

@@ -224,7 +224,14 @@ def check_accum_dtype(accum_dtype: object) -> None:
 
 
 def check_num_items(num_items_in_batch: object) -> None:
-    if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
+    if num_items_in_batch is None:
+        return
+    if isinstance(num_items_in_batch, torch.Tensor):  # its value is on the device: no check
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(
+                "num_items_in_batch must be a number or a one-element tensor, got shape "
+                f"{tuple(num_items_in_batch.shape)}"
+            )
         return
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
         raise TypeError(
