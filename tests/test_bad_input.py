@@ -22,6 +22,10 @@ BAD_INPUTS = [
     ("beta<0", dict(beta=-1.0), ValueError, "beta"),
     ("beta inf", dict(beta=float("inf")), ValueError, "beta"),
     ("beta tensor", dict(beta=torch.tensor(0.8)), TypeError, "beta"),
+    # finite in Python, not in the kernels' fp32: finite logits gave inf or NaN
+    ("gamma over fp32", dict(gamma=1e300), ValueError, "gamma"),
+    ("beta under fp32", dict(beta=1e-39), ValueError, "beta"),
+    ("softcap over fp32", dict(softcap=1e39), ValueError, "softcap"),
     ("reduction", dict(reduction="avg"), ValueError, "reduction"),
     ("impl", dict(impl="cuda"), ValueError, "impl"),
     ("softcap<=0", dict(softcap=0.0), ValueError, "softcap"),

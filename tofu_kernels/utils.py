@@ -45,6 +45,7 @@ class TOFUParams:
             if value < lower or (strict and value == lower):
                 op = ">" if strict else ">="
                 raise ValueError(f"{name} must be {op} {lower}, got {value}")
+            _check_fp32(name, value, inverse=strict)
             object.__setattr__(self, name, float(value))
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
@@ -57,7 +58,18 @@ class TOFUParams:
                 raise TypeError(f"softcap must be a real number or None, got {self.softcap!r}")
             if not (math.isfinite(self.softcap) and self.softcap > 0):
                 raise ValueError(f"softcap must be a finite number > 0, got {self.softcap}")
+            _check_fp32("softcap", self.softcap, inverse=True)
             object.__setattr__(self, "softcap", float(self.softcap))
+
+
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_fp32(name: str, value: float, inverse: bool) -> None:
+    """The kernels compute in fp32: ``value`` (and ``1 / value``, which they divide by where
+    ``inverse``) must be finite there, or finite logits would give inf or NaN."""
+    if abs(value) > _FP32_MAX or (inverse and 1.0 / value > _FP32_MAX):
+        raise ValueError(f"{name} must be finite in fp32 (1/{name} too), got {value}")
 
 
 _ADDMM_OUT_DTYPE = True  # torch.addmm(..., out_dtype=float32) on CUDA; off after one failure
