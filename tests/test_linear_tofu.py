@@ -341,6 +341,7 @@ BAD_INPUTS = [
     (dict(filter_eps=float("nan"), impl="fused"), ValueError, "filter_eps"),  # zeroed grads
     (dict(filter_eps=float("inf"), impl="fused"), ValueError, "filter_eps"),
     (dict(filter_eps=-1.0, impl="fused"), ValueError, "filter_eps"),
+    (dict(filter_eps=1.0, impl="fused"), ValueError, "filter_eps"),  # skips every row
     (dict(num_items_in_batch=torch.tensor([3, 3])), ValueError, "num_items_in_batch"),
     (dict(bias=[0.0] * 5), TypeError, "bias"),
 ]
@@ -524,6 +525,19 @@ def test_narrow_int_labels(device, impl):
         loss = fused_linear_tofu_loss(x, w, y.to(dtype), bias=b, impl=impl, chunk_size=4)
         (gx_narrow,) = torch.autograd.grad(loss, x)
         assert torch.equal(loss, ref) and torch.equal(gx_narrow, gx), dtype
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS + ["torch"])
+def test_int8_labels_and_one_element_num_items(device, impl):
+    """int8 labels against an ignore_index outside int8 (torch wraps -1000 to 24 in a
+    comparison: label 24 looked ignored), and a (1,)-shaped num_items_in_batch (a 0-dim loss)."""
+    x, w, b, y = make_inputs((11,), 37, 100, torch.float32, device, bias=True, ignored=0.0)
+    y[0] = 24
+    kwargs = dict(bias=b, impl=impl, ignore_index=-1000)
+    ref = fused_linear_tofu_loss(x, w, y, **kwargs)
+    assert torch.equal(fused_linear_tofu_loss(x, w, y.to(torch.int8), **kwargs), ref)
+    loss = fused_linear_tofu_loss(x, w, y, num_items_in_batch=torch.tensor([9]), **kwargs)
+    assert loss.shape == () and rel_err(loss, ref * 11 / 9) < 1e-6
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)

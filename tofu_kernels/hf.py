@@ -285,7 +285,7 @@ class _TOFUState:
         self.softcap: float | None = options["softcap"]
         self.scale: float | None = options["scale"]
         self.previous: Any = None  # the instance ``forward`` that was there, if any
-        self.patched: Any = None  # the bound method we installed
+        self.patched: Any = None  # the _PatchedForward we installed
         self.signature: inspect.Signature | None = None
         self.active = True
         self.depth = 0  # > 0 while our forward runs (the bypass guard's signal)
@@ -510,6 +510,8 @@ class _PatchedForward:
         self.model = model
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args and args[0] is self.model:  # rebound as a method (accelerate's unwrap_model)
+            args = args[1:]
         return _tofu_forward(self.model, *args, **kwargs)
 
     @property
@@ -599,8 +601,12 @@ def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> N
     modes = {m: m.training for m in lm.modules()}
     lm.eval()
     try:
+        # one label, at position 0: the causal LM loss shifts it out (no target: NaN or 0),
+        # a loss that does not shift trains position 0 on it (finite, > 0)
+        labels = torch.full_like(ids, -100)
+        labels[0, 0] = ids[0, 0]
         with torch.no_grad():
-            out = original(input_ids=ids, labels=ids, use_cache=False, return_dict=True)
+            out = original(input_ids=ids, labels=labels, use_cache=False, return_dict=True)
             if len(seen) != 1:
                 raise UnsupportedModelError(
                     f"{type(lm).__name__} called lm_head {len(seen)} times in one forward; the "
@@ -626,19 +632,14 @@ def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> N
             f"lm_head ({type(head).__name__}) does not compute hidden @ weight.T + bias as "
             "apply_tofu_kernel reads it; its fused loss would be wrong"
         )
-    if own_loss is not None and logits.shape[1] == ids.shape[1]:
-        # a *ForCausalLM whose own loss does not shift (Bart's, TrOCR's, Whisper's decoders):
-        # TOFU of the shifted labels would train each position on the token two ahead
-        flat = logits.flatten(0, 1)
-        unshifted = F.cross_entropy(flat, ids.flatten())
-        shifted = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        own = own_loss.float()
-        if _close(own, unshifted, tol) and not _close(own, shifted, tol):
-            raise UnsupportedModelError(
-                f"{type(lm).__name__}'s own loss does not shift labels (labels[t] is the target "
-                "of position t), unlike transformers' causal LM loss, which apply_tofu_kernel "
-                "follows; its fused TOFU loss would train on the wrong tokens"
-            )
+    if own_loss is not None and bool(torch.isfinite(own_loss) & (own_loss > 0)):
+        # a *ForCausalLM whose own loss does not shift (Bart's, TrOCR's, Whisper's decoders,
+        # XLNet): TOFU of the shifted labels would train each position on the token two ahead
+        raise UnsupportedModelError(
+            f"{type(lm).__name__}'s own loss does not shift labels (labels[t] is the target of "
+            "position t), unlike transformers' causal LM loss, which apply_tofu_kernel follows; "
+            "its fused TOFU loss would train on the wrong tokens"
+        )
     if logits.shape != expected.shape or not _close(logits, expected, tol):
         raise UnsupportedModelError(
             f"{type(lm).__name__} (model_type={lm.config.model_type!r}) transforms lm_head's "

@@ -520,7 +520,7 @@ def fused_linear_tofu_loss(
     if bias is not None:
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
-    check_labels(labels, hidden.shape[:-1], hidden.device)
+    labels = check_labels(labels, hidden.shape[:-1], hidden.device)
     check_num_items(num_items_in_batch)
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
@@ -529,9 +529,9 @@ def fused_linear_tofu_loss(
     if filter_eps is not None and (
         isinstance(filter_eps, bool)
         or not isinstance(filter_eps, (int, float))
-        or not 0 <= filter_eps < math.inf  # NaN or inf zeroed every gradient
+        or not 0 <= filter_eps < 1  # a fraction of the largest row weight; 1 skips every row
     ):
-        raise ValueError(f"filter_eps must be a finite number >= 0 or None, got {filter_eps!r}")
+        raise ValueError(f"filter_eps must be in [0, 1) or None, got {filter_eps!r}")
 
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):

@@ -425,7 +425,7 @@ def tofu_loss(
         raise ValueError(
             f"logits must have a non-empty vocabulary dimension, got {tuple(logits.shape)}"
         )
-    check_labels(labels, logits.shape[:-1], logits.device)
+    labels = check_labels(labels, logits.shape[:-1], logits.device)
     check_num_items(num_items_in_batch)
     use_triton(impl, logits.device, logits.dtype)  # raises for a dtype the chosen impl cannot take
     check_label_range(labels, logits.shape[-1], ignore_index)

@@ -69,7 +69,8 @@ def _check_fp32(name: str, value: float, inverse: bool) -> None:
     """The kernels compute in fp32: ``value`` (and ``1 / value``, which they divide by where
     ``inverse``) must be finite there, or finite logits would give inf or NaN."""
     if abs(value) > _FP32_MAX or (inverse and 1.0 / value > _FP32_MAX):
-        raise ValueError(f"{name} must be finite in fp32 (1/{name} too), got {value}")
+        also = f" (1/{name} too)" if inverse else ""
+        raise ValueError(f"{name} must be finite in fp32{also}, got {value}")
 
 
 _ADDMM_OUT_DTYPE = True  # torch.addmm(..., out_dtype=float32) on CUDA; off after one failure
@@ -201,7 +202,9 @@ def check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...] | None = 
         raise TypeError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
 
 
-def check_labels(labels: object, expected_shape: torch.Size, device: torch.device) -> None:
+def check_labels(labels: object, expected_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """``labels`` checked, and int8/int16/uint8 ones widened to int64: compared with an
+    ``ignore_index`` outside their range, torch wraps it (int8 24 == -1000 is True)."""
     check_tensor("labels", labels)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
@@ -211,6 +214,7 @@ def check_labels(labels: object, expected_shape: torch.Size, device: torch.devic
         )
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device}, expected {device}")
+    return labels.long() if labels.dtype in (torch.int8, torch.int16, torch.uint8) else labels
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -269,7 +273,7 @@ def reduction_scale(
     if num_items_in_batch is None:
         denom = (labels != params.ignore_index).sum()
     elif isinstance(num_items_in_batch, torch.Tensor):
-        denom = num_items_in_batch
+        denom = num_items_in_batch.reshape(())  # (1,) or (1, 1): the loss stays 0-dim
     else:  # a fill, not a host-to-device copy (which would synchronize)
         denom = torch.full((), float(num_items_in_batch), device=labels.device, dtype=dtype)
     return 1.0 / denom.to(device=labels.device, dtype=dtype).clamp(min=1.0)
