@@ -179,6 +179,15 @@ def test_matches_published_formula_where_finite(device):
         assert_close(k, ref, 1e-5, "kernel vs published")
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_tiny_beta_stays_finite(device, impl):
+    """beta 1e-36 with logits ~100: z_y / beta (1e38) and log(sbx) - z_y / beta overflowed fp32
+    (an inf loss) where the loss itself, ~ g * (z_max - z_y), is small; against float64."""
+    for beta in (1e-36, 1e-20, 1e-3):
+        check(device, logits=random_logits((3, 8, 61), torch.float32, device) * 50.0, beta=beta,
+              reduction="none", impl=impl)  # fmt: skip
+
+
 def test_extreme_logits(device):
     """Margins of +-1e3: p == 1 exactly, p underflowing, gamma < 1; all finite and correct."""
     z = torch.zeros(4, 130, device=device)

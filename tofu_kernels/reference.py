@@ -119,10 +119,11 @@ def tofu_rows(
     sbx = eb.masked_fill(onehot, 0).sum(1)
     s1 = s1x + torch.exp(zy)
     ell = torch.log(s1x) - zy
-    ell_b = torch.log(sbx) - zy / beta
+    # beta * softplus(x / beta), written so that x / beta never overflows (a small beta)
+    x = beta * torch.log(sbx) - zy
 
     g = focal_weight(ell, gamma)
-    loss = beta * g * F.softplus(ell_b)
+    loss = g * (x.clamp(min=0) + beta * torch.log1p(torch.exp(-x.abs() / beta)))
     p = torch.exp(-F.softplus(ell))
     entropy = torch.log(s1) - (e1 * zm).sum(1) / s1
     correct = (zy >= 0).to(z.dtype)

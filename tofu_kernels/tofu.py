@@ -64,7 +64,9 @@ def tofu_row_terms(s1x, sbx, zy_m, gamma, beta):
     Returns (loss, g, p) by the spec's safe form: no NaN or inf for finite logits.
     """
     ell = tl.log(s1x) - zy_m  # log((1 - p) / p); -inf when the target holds all the mass
-    ell_b = tl.log(sbx) - zy_m / beta
+    # beta * softplus(ell_b) with ell_b = x / beta, from x: ell_b itself overflows fp32 for a
+    # small beta (zy_m / beta: inf at beta 1e-37 and logits ~100) where the loss does not
+    x = beta * tl.log(sbx) - zy_m
     sp = _softplus(ell)  # -log p
     # log1p(T) / T with T = e^ell, written so neither T -> 0 nor T -> inf gives 0/0.
     t = tl.exp(tl.minimum(ell, 0.0))
@@ -73,7 +75,7 @@ def tofu_row_terms(s1x, sbx, zy_m, gamma, beta):
     ratio = tl.where(ell > 0, sp * tl.exp(-tl.maximum(ell, 0.0)), ratio_small)
     focal = tl.exp(-gamma * _softplus(-ell)) * (1.0 + gamma * ratio)
     g = tl.where(gamma == 0.0, 1.0, focal)  # a branch, not a power: exactly 1 at gamma = 0
-    loss = beta * g * _softplus(ell_b)
+    loss = g * (tl.maximum(x, 0.0) + beta * _log1p(tl.exp(-tl.abs(x) / beta)))
     return loss, g, tl.exp(-sp)
 
 
