@@ -8,13 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import (
-    LINEAR_GRAD_RTOL,
-    LINEAR_LOSS_RTOL,
-    linear_oracle,
-    make_inputs,
-    rel_err,
-)
+from helpers import LINEAR_GRAD_RTOL, LINEAR_LOSS_RTOL, linear_oracle, make_inputs, rel_err
 from tofu_kernels import fused_linear_tofu_loss
 from tofu_kernels import vocab_chunked as vc_mod
 

@@ -514,12 +514,11 @@ def fused_linear_tofu_loss(
         )
     if bias is not None:
         check_tensor("bias", bias, TORCH_DTYPES)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, expected {hidden.device} (hidden's)")
-    if bias is not None:
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     labels = check_labels(labels, hidden.shape[:-1], hidden.device)
     check_num_items(num_items_in_batch)
     if chunk_size is not None and (
