@@ -102,6 +102,19 @@ def test_oracle_softcap_gamma_beta(device, dtype, impl):
     run_and_compare(x, w, b, y, softcap=5.0, gamma=0.5, beta=1.5, chunk_size=6, impl=impl)
 
 
+# Logits deep in the softcap's saturation (z / softcap in about [4, 10]: every derivative 1 -
+# tanh^2 under 1e-3). The derivative written as 1 - (capped / softcap)^2 cancels there: the
+# gradients were 3.6e-3 off (5.7e-4 for the torch impl); from the raw logit, 1e-7.
+@pytest.mark.parametrize("impl", [*KERNEL_IMPLS, "torch"])
+def test_oracle_softcap_saturated(device, impl):
+    cap = 5.0
+    x, w, _, y = make_inputs((9,), 16, 301, torch.float32, device, ignored=0.2)
+    w = (w * (0.75 * cap / 4 / w.std())).requires_grad_(True)  # x @ w.T about 0.75 cap wide
+    b = torch.full((301,), 7 * cap, device=device, requires_grad=True)
+    x.requires_grad_(True)
+    run_and_compare(x, w, b, y, softcap=cap, chunk_size=4, impl=impl)
+
+
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_oracle_num_items_in_batch_3d_noncontiguous(device, impl):
     x, w, _, y = make_inputs((3, 7), 37, 301, torch.float32, device)
@@ -279,6 +292,18 @@ def test_module_matches_function(device, impl):
         x, w, y, bias=b, gamma=1.0, beta=1.5, reduction="sum", impl=impl
     )
     assert torch.equal(module(x, w, y, b), expected)
+
+
+def test_module_passes_every_option(device):
+    """The module's options reach the function (a filter that skips every row: no gradient)."""
+    x, w, b, y = make_inputs((9,), 37, 301, torch.float32, device, bias=True)
+    options = dict(drop_ignored=False, filter_eps=1.0, accum_dtype=None, return_stats=True)
+    x.requires_grad_(True)
+    loss, stats = FusedLinearTOFULoss(impl="fused", **options)(x, w, y, b)
+    expected, _ = fused_linear_tofu_loss(x, w, y, bias=b, impl="fused", **options)
+    assert torch.equal(loss, expected) and stats.n_tokens > 0
+    loss.backward()
+    assert (x.grad == 0).all()
 
 
 def test_backward_twice_and_double_backward_raise(device):

@@ -109,6 +109,14 @@ def test_oracle_softcap(device, dtype, softcap):
     check(device, dtype=dtype, softcap=softcap, vocab=TILE + 3, gamma=0.5, beta=1.5)
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_oracle_softcap_saturated(device, impl):
+    """Logits at 4 to 10 softcaps: the softcap's derivative 1 - tanh^2 (under 1e-3 there) written
+    as 1 - (capped / softcap)^2 cancels (gradients 3.6e-3 off); from the raw logit it does not."""
+    logits = 5.0 * (7.0 + 0.75 * random_logits((2, 5, TILE + 3), torch.float32, device, 1.0))
+    check(device, softcap=5.0, logits=logits, impl=impl)
+
+
 @pytest.mark.parametrize("num_items", [1, 7, "tensor"])
 def test_oracle_num_items_in_batch(device, num_items):
     if num_items == "tensor":

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from tofu_kernels.tofu import _cap, tofu_row_terms
+from tofu_kernels.tofu import _cap, _capped, tofu_row_terms
 from tofu_kernels.utils import (
     HALF_DTYPES,
     LAUNCH_OPTIONS,
@@ -162,11 +162,12 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _logits_tile(
-    x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """fp32 (BLOCK_N, BLOCK_V) tile of ``x @ w.T (+ b)``, softcapped; out-of-range entries junk."""
+    """fp32 (BLOCK_N, BLOCK_V) tile of ``x @ w.T (+ b)`` (before any softcap); out-of-range
+    entries junk."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
     for k in range(0, H, BLOCK_K):
@@ -176,7 +177,7 @@ def _logits_tile(
         acc = _dot(x, tl.trans(w), acc, IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    return _cap(acc, softcap, HAS_SOFTCAP)
+    return acc
 
 
 @triton.jit
@@ -215,8 +216,9 @@ def _fused_fwd_kernel(
             col_mask = cols < V
             z = _logits_tile(
                 x_ptr, w_ptr, b_ptr, rows64, cols.to(tl.int64), row_mask, col_mask, H, stride_xn,
-                stride_wv, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_K,
+                stride_wv, HAS_BIAS, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_K,
             )  # fmt: skip
+            z = _cap(z, softcap, HAS_SOFTCAP)
             m, s1, s1x, sbx, sz, zy, found = online_update(
                 z, cols, col_mask, y, inv_beta, m, s1, s1x, sbx, sz, zy, found
             )
@@ -258,14 +260,15 @@ def online_update(z, cols, col_mask, y, inv_beta, m, s1, s1x, sbx, sz, zy, found
 
 @triton.jit
 def tofu_dz(z, cols, y, m, coef, target, inv_beta, softcap, HAS_SOFTCAP: tl.constexpr):
-    """The gradient on an fp32 tile of softcapped logits ``z`` w.r.t. the logits before the
-    softcap: ``coef * exp((z - m) / beta)`` (``coef`` = scale * g / sb per row) off the target
-    column, ``target`` (= -scale * g * sbx / sb) on it, times the softcap's derivative."""
+    """The gradient on an fp32 tile of logits ``z`` (before the softcap): with ``z`` softcapped,
+    ``coef * exp((z - m) / beta)`` (``coef`` = scale * g / sb per row) off the target column,
+    ``target`` (= -scale * g * sbx / sb) on it, times the softcap's derivative at ``z``."""
+    if HAS_SOFTCAP:
+        z, slope = _capped(z, softcap)
     dz = tl.exp((z - m[:, None]) * inv_beta) * coef[:, None]
     dz = tl.where(cols[None, :] == y[:, None], target[:, None], dz)
     if HAS_SOFTCAP:
-        zc = z / softcap
-        dz = dz * (1.0 - zc * zc)
+        dz = dz * slope
     return dz
 
 
@@ -389,7 +392,7 @@ def _fused_bwd_kernel(
     if tl.max(keep.to(tl.int32), axis=0) > 0:
         z = _logits_tile(
             x_ptr, w_ptr, b_ptr, rows64, cols64, row_mask, col_mask, H, stride_xn, stride_wv,
-            softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_K,
+            HAS_BIAS, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_K,
         )  # fmt: skip
         dz = tofu_dz(z, cols, y, m, coef, target, 1.0 / beta, softcap, HAS_SOFTCAP)
         dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)

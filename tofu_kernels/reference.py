@@ -142,6 +142,7 @@ def tofu_rows(
         # The target column uses 1 - q_y = sbx / sb: no cancellation for confident tokens.
         dz = torch.where(onehot, -(sbx.unsqueeze(1) / sb), eb / sb)
         grad = torch.where(ok, g_ok * dz, torch.zeros_like(dz))
-        if softcap is not None:
-            grad = grad * (1 - (z / softcap) ** 2)
+        if softcap is not None:  # 1 - tanh^2 as 4t / (1 + t)^2: no cancellation in saturation
+            t = torch.exp(-2 * (a / softcap).abs())
+            grad = grad * (4 * t / (1 + t) ** 2)
     return loss, stats, grad

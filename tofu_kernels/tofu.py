@@ -46,13 +46,20 @@ def _softplus(x):
 
 
 @triton.jit
+def _capped(z, softcap):
+    """``softcap * tanh(z / softcap)`` and its derivative ``1 - tanh^2``, from core ops
+    (libdevice's tanh is not in the interpreter). The derivative as ``4t / (1 + t)^2`` with
+    ``t = exp(-2 |z| / softcap)``: ``1 - (capped / softcap)^2`` cancels deep in saturation."""
+    t = tl.exp(-2.0 * tl.abs(z / softcap))
+    r = softcap * (1.0 - t) / (1.0 + t)
+    return tl.where(z < 0, -r, r), 4.0 * t / ((1.0 + t) * (1.0 + t))
+
+
+@triton.jit
 def _cap(z, softcap, HAS_SOFTCAP: tl.constexpr):
     """fp32 logits, softcapped if asked (every load goes through here, so z_y matches its tile)."""
     if HAS_SOFTCAP:
-        # softcap * tanh(z / softcap) from core ops (libdevice's tanh is not in the interpreter).
-        t = tl.exp(-2.0 * tl.abs(z / softcap))
-        r = softcap * (1.0 - t) / (1.0 + t)
-        z = tl.where(z < 0, -r, r)
+        z, _ = _capped(z, softcap)
     return z
 
 
@@ -175,13 +182,12 @@ def _tofu_fwd_kernel(
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             mask = offs < V
-            z = _cap(
-                tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP
-            )
+            z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                z, slope = _capped(z, softcap)
             dz = tl.where(offs == y, target, tl.exp((z - m) * inv_beta) * coef)
             if HAS_SOFTCAP:
-                zc = z / softcap
-                dz = dz * (1.0 - zc * zc)
+                dz = dz * slope
             stored = dz.to(grad_ptr.dtype.element_ty)
             tl.store(g_row + offs, stored, mask=mask)
             if HAS_ERR:
