@@ -624,6 +624,9 @@ class FusedLinearTOFULoss(torch.nn.Module):
         impl: str = "auto",
         return_stats: bool = False,
         accum_dtype: torch.dtype | None = torch.float32,
+        drop_ignored: bool | None = None,
+        filter_eps: float | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         TOFUParams(gamma, beta, ignore_index, reduction, softcap)  # fail at construction
@@ -632,6 +635,8 @@ class FusedLinearTOFULoss(torch.nn.Module):
         self.gamma, self.beta, self.ignore_index = gamma, beta, ignore_index
         self.reduction, self.softcap, self.chunk_size = reduction, softcap, chunk_size
         self.impl, self.return_stats, self.accum_dtype = impl, return_stats, accum_dtype
+        self.drop_ignored, self.filter_eps = drop_ignored, filter_eps
+        self.process_group = process_group
 
     def forward(
         self,
@@ -656,6 +661,9 @@ class FusedLinearTOFULoss(torch.nn.Module):
             impl=self.impl,
             return_stats=self.return_stats,
             accum_dtype=self.accum_dtype,
+            drop_ignored=self.drop_ignored,
+            filter_eps=self.filter_eps,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
