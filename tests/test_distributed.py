@@ -61,6 +61,8 @@ def _worker(rank: int, world: int, init_file: str) -> None:
                 assert rel_err(part[3].grad, full[3].grad[lo:hi]) < 1e-5, (rank, i, "grad_bias")
         _ignore_index_in_a_shard(rank, world)
         _half_precision_shards(rank, world)
+        _heads_sharded_alike_on_one_rank(rank, world)
+        _auto_under_deterministic_algorithms(rank, world)
         dist.barrier()  # both ranks done before either tears gloo down (an abort at exit else)
     finally:
         dist.destroy_process_group()
@@ -123,6 +125,48 @@ def _half_precision_shards(rank: int, world: int) -> None:
         where = (rank, impl, accum)
         assert rel_err(part[1], gx) < tol, (*where, "fp16 grad_hidden", rel_err(part[1], gx))
         assert rel_err(part[2], gw[lo:hi]) < tol, (*where, "fp16 grad_weight shard")
+
+
+def _heads_sharded_alike_on_one_rank(rank: int, world: int) -> None:
+    """Two heads, one group, shards of one size on rank 0 and of another elsewhere: the layout
+    of each call is each call's (it was cached per (group, local size): rank 0 reused the first
+    head's and entered the partials' gather while the others gathered the sizes, a crash)."""
+    from helpers import make_inputs, rel_err
+
+    for i, vocab in enumerate((301, 301 + 5 * (world - 1), 301)):
+        sizes = [101] + [(vocab - 101) // (world - 1)] * (world - 1)
+        sizes[-1] += vocab - sum(sizes)
+        lo = sum(sizes[:rank])
+        hi = lo + sizes[rank]
+        torch.manual_seed(200 + i)
+        x, w, _, y = make_inputs((13,), 37, vocab, torch.float32, "cpu")
+        y[0] = vocab - 1  # the last shard's last column
+        full = _run(x, w, None, y, torch.tensor(1.0), impl="fused")
+        part = _run(x, w[lo:hi], None, y, torch.tensor(1.0), impl="fused",
+                    process_group=dist.group.WORLD)  # fmt: skip
+        assert rel_err(part[0], full[0]) < 1e-6, (rank, vocab, "loss")
+        assert rel_err(part[2], full[2][lo:hi]) < 1e-5, (rank, vocab, "grad_weight shard")
+
+
+def _auto_under_deterministic_algorithms(rank: int, world: int) -> None:
+    """impl="auto" runs vocab_chunked under torch.use_deterministic_algorithms (fused adds with
+    atomics), fused otherwise."""
+    from helpers import make_inputs
+    from tofu_kernels import fused_tofu
+
+    x, w, _, y = make_inputs((5,), 16, 301, torch.float32, "cpu")
+    shard = torch.tensor_split(w, world)[rank]
+    picked, function = [], fused_tofu.FusedTOFUFunction
+    apply = function.apply  # inherited: deleting the spy below restores it
+    try:
+        function.apply = staticmethod(lambda *a: picked.append(a[5].impl) or apply(*a))
+        for deterministic in (True, False):
+            torch.use_deterministic_algorithms(deterministic)
+            _run(x, shard, None, y, torch.tensor(1.0), process_group=dist.group.WORLD)
+    finally:
+        del function.apply
+        torch.use_deterministic_algorithms(False)
+    assert picked == ["vocab_chunked", "fused"], picked
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -33,6 +33,7 @@ from tofu_kernels import FusedLinearTOFULoss, fused_linear_tofu_loss, tofu_loss
 from tofu_kernels import fused_tofu as fused_mod
 from tofu_kernels import linear_tofu as linear_mod
 from tofu_kernels import vocab_chunked as vc_mod
+from tofu_kernels.reference import tofu_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The two kernel impls share the oracle tests; each also has tests of its own mechanics.
@@ -113,6 +114,37 @@ def test_oracle_softcap_saturated(device, impl):
     b = torch.full((301,), 7 * cap, device=device, requires_grad=True)
     x.requires_grad_(True)
     run_and_compare(x, w, b, y, softcap=cap, chunk_size=4, impl=impl)
+
+
+# Finite fp32 logits at the ends of the range, x = 0 so that logits = bias exactly: a row whose
+# every logit is below -1e30 (the fused kernels' running max started there: loss 0, p 1, no
+# gradient), and logits 3e38 apart (z - max overflows: the entropy was NaN, 0 * -inf; per token,
+# as the losses of ~2.4e38 would overflow their sum).
+EXTREME_BIAS = {
+    "below_-1e30": lambda v: torch.full((v,), -2e31).index_fill_(
+        0, torch.tensor([7, 9, 11]), -1.5e31
+    ),
+    "3e38_apart": lambda v: (
+        torch.randn(v)
+        .index_fill_(0, torch.tensor([0]), 3e38)
+        .index_fill_(0, torch.tensor([1, 5]), -3e38)
+    ),
+}
+
+
+@pytest.mark.parametrize("extreme", sorted(EXTREME_BIAS))
+@pytest.mark.parametrize("impl", [*KERNEL_IMPLS, "torch"])
+def test_oracle_extreme_logits(device, impl, extreme):
+    v = 301
+    w = torch.randn(v, 16, device=device, requires_grad=True)
+    x = torch.zeros(6, 16, device=device, requires_grad=True)
+    b = EXTREME_BIAS[extreme](v).to(device)
+    y = torch.tensor([3, 7, 0, 2, 9, 300], device=device)
+    run_and_compare(x, w, b, y, impl=impl, reduction="none" if extreme == "3e38_apart" else "mean")
+    _, stats = fused_linear_tofu_loss(x, w, y, bias=b, impl=impl, return_stats=True)
+    _, ref, _ = tofu_rows(b.double().expand(6, v), y, 3.0, 0.8)
+    for i, name in enumerate(("mean_p", "mean_focal_weight", "entropy", "accuracy")):
+        assert rel_err(getattr(stats, name), ref[i].mean()) < 1e-5, name
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)

@@ -117,6 +117,24 @@ def test_oracle_softcap_saturated(device, impl):
     check(device, softcap=5.0, logits=logits, impl=impl)
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_loss_beyond_fp32_is_inf_not_nan(device, impl):
+    """A target 6e38 below the row's max: its loss (~4.8e38) is beyond fp32, so inf, the one
+    value to hold it; it was NaN (the focal term's log1p(T) / T as inf * 0). The gradient stays
+    finite and exact: the softmax is one-hot at the max."""
+    logits = random_logits((3, 40), torch.float32, device)
+    logits[:, 0], logits[:, 1] = 3e38, -3e38
+    logits.requires_grad_(True)
+    labels = torch.tensor([1, 0, 5], device=device)
+    loss = tofu_loss(logits, labels, reduction="none", impl=impl)
+    loss.backward(torch.ones_like(loss))
+    ref, ref_grad = oracle(logits, labels, gamma=3.0, beta=0.8, reduction="none",
+                           grad_output=torch.ones(3, dtype=torch.float64))  # fmt: skip
+    assert loss[0] == float("inf") and ref[0] > torch.finfo(torch.float32).max
+    assert_close(loss[1:], ref[1:], LOSS_RTOL[torch.float32], "loss")
+    assert_close(logits.grad, ref_grad, GRAD_RTOL[torch.float32], "grad")
+
+
 @pytest.mark.parametrize("num_items", [1, 7, "tensor"])
 def test_oracle_num_items_in_batch(device, num_items):
     if num_items == "tensor":

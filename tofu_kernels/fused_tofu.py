@@ -15,6 +15,7 @@ output precision can be skipped.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -120,7 +121,6 @@ GX_SLAB_ELEMS = 2**23
 # entries) is below this fraction of the batch's largest, and vocabulary tiles whose entries all
 # are below it divided by V (2^-12: under bf16/fp16 resolution of a sum that holds the largest).
 FILTER_EPS_HALF = 2.0**-12
-_NEG_BIG = tl.constexpr(-1.0e30)  # a finite "-inf" for running maxima: (m_old - m_new) * 0 is 0
 
 
 @triton.jit
@@ -200,7 +200,7 @@ def _fused_fwd_kernel(
     valid = row_mask & (y != ignore_index)
     inv_beta = 1.0 / beta
 
-    m = tl.full((BLOCK_N,), _NEG_BIG, tl.float32)
+    m = tl.full((BLOCK_N,), -float("inf"), tl.float32)  # any finite logit, however low, is above
     s1 = tl.zeros((BLOCK_N,), tl.float32)
     s1x = tl.zeros((BLOCK_N,), tl.float32)
     sbx = tl.zeros((BLOCK_N,), tl.float32)
@@ -244,12 +244,15 @@ def online_update(z, cols, col_mask, y, inv_beta, m, s1, s1x, sbx, sz, zy, found
     ``sz`` of (z - m) exp(z - m); ``zy`` the target logit where ``found``."""
     z = tl.where(col_mask[None, :], z, -float("inf"))
     m_new = tl.maximum(m, tl.max(z, axis=1))
-    alpha = tl.exp(m - m_new)
+    alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
     zm = z - m_new[:, None]
     e1 = tl.exp(zm)
     eb = tl.exp(zm * inv_beta)
     is_y = cols[None, :] == y[:, None]
-    sz = alpha * (sz + (m - m_new) * s1) + tl.sum(tl.where(col_mask[None, :], e1 * zm, 0.0), 1)
+    # where alpha is 0, (m - m_new) * s1 is -inf * 0 (the first tile) or may overflow: 0 there;
+    # likewise e1 * zm where zm overflowed to -inf (logits ~3e38 apart)
+    shift = tl.where(alpha > 0, (m - m_new) * s1, 0.0)
+    sz = alpha * (sz + shift) + tl.sum(tl.where(e1 > 0, e1 * zm, 0.0), axis=1)
     s1 = alpha * s1 + tl.sum(e1, axis=1)
     s1x = alpha * s1x + tl.sum(tl.where(is_y, 0.0, e1), axis=1)
     sbx = tl.exp((m - m_new) * inv_beta) * sbx + tl.sum(tl.where(is_y, 0.0, eb), axis=1)
@@ -300,14 +303,12 @@ def _fused_merge_kernel(
     row_mask = rows < N
     y = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
     valid = y != ignore_index
-    in_range = (y >= 0) & (y < V)
-    row_ok = valid & in_range & row_mask
     stride_part = n_splits * N
     inv_beta = 1.0 / beta
 
-    m = tl.full((BLOCK_N,), _NEG_BIG, tl.float32)
+    m = tl.full((BLOCK_N,), -float("inf"), tl.float32)
     for s in range(0, n_splits):
-        m = tl.maximum(m, tl.load(part_ptr + s * N + rows, mask=row_mask, other=_NEG_BIG))
+        m = tl.maximum(m, tl.load(part_ptr + s * N + rows, mask=row_mask, other=-float("inf")))
     s1 = tl.zeros((BLOCK_N,), tl.float32)
     s1x = tl.zeros((BLOCK_N,), tl.float32)
     sbx = tl.zeros((BLOCK_N,), tl.float32)
@@ -315,14 +316,20 @@ def _fused_merge_kernel(
     zy = tl.full((BLOCK_N,), -float("inf"), tl.float32)
     for s in range(0, n_splits):
         p = part_ptr + s * N + rows
-        m_s = tl.load(p, mask=row_mask, other=_NEG_BIG)
-        a = tl.exp(m_s - m)
+        m_s = tl.load(p, mask=row_mask, other=-float("inf"))
+        live = m_s > -float("inf")  # a split without columns for the row (or no row) adds 0
+        a = tl.where(live, tl.exp(m_s - m), 0.0)
         s1_s = tl.load(p + stride_part, mask=row_mask, other=0.0)
-        sz += a * (tl.load(p + 4 * stride_part, mask=row_mask, other=0.0) + (m_s - m) * s1_s)
+        shift = tl.where(a > 0, (m_s - m) * s1_s, 0.0)  # may overflow where a underflowed
+        sz += a * (tl.load(p + 4 * stride_part, mask=row_mask, other=0.0) + shift)
         s1 += a * s1_s
         s1x += a * tl.load(p + 2 * stride_part, mask=row_mask, other=0.0)
-        sbx += tl.exp((m_s - m) * inv_beta) * tl.load(p + 3 * stride_part, mask=row_mask, other=0.0)
+        ab = tl.where(live, tl.exp((m_s - m) * inv_beta), 0.0)
+        sbx += ab * tl.load(p + 3 * stride_part, mask=row_mask, other=0.0)
         zy = tl.maximum(zy, tl.load(p + 5 * stride_part, mask=row_mask, other=-float("inf")))
+    # a label in range is some split's column (zy finite); V may be unknown (a shard's rank)
+    in_range = (y >= 0) & (y < V) & (zy > -float("inf"))
+    row_ok = valid & in_range & row_mask
     zy_m = tl.where(row_ok, zy - m, 0.0)
     s1x = tl.where(row_ok, s1x, 0.0)
     sbx = tl.where(row_ok, sbx, 0.0)
@@ -568,10 +575,13 @@ def fused_tofu_partials(
 
 
 def fused_tofu_merge(
-    partials: torch.Tensor, labels: torch.Tensor, vocab: int, params: TOFUParams
+    partials: torch.Tensor, labels: torch.Tensor, vocab: int | None, params: TOFUParams
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Combine ``(6, S, N)`` partials into per-token fp32 losses ``(N,)``, stats ``(4, N)`` and
-    the backward's per-row terms ``(4, N)``: row max, g / sb, target column, g."""
+    the backward's per-row terms ``(4, N)``: row max, g / sb, target column, g. ``vocab`` None:
+    not known on the host (vocabulary parallel); a label no partial holds is out of range."""
+    if vocab is None:
+        vocab = 2**31 - 1
     n = labels.shape[0]
     labels = labels.contiguous()
     loss = torch.empty(n, dtype=torch.float32, device=labels.device)
@@ -591,13 +601,15 @@ def collapse_splits(partials: torch.Tensor, beta: float) -> torch.Tensor:
     """Merge ``(6, S, N)`` partials into ``(6, 1, N)`` with PyTorch (as the merge kernel does)."""
     m_s, s1, s1x, sbx, sz, zy = partials.unbind(0)
     m = m_s.max(0).values
-    a = torch.exp(m_s - m)
+    live = m_s > -math.inf  # a split without columns for the row adds 0 (and no NaN)
+    a = torch.where(live, torch.exp(m_s - m), 0.0)
+    shift = torch.where(a > 0, (m_s - m) * s1, 0.0)
     merged = [
         m,
         (a * s1).sum(0),
         (a * s1x).sum(0),
-        (torch.exp((m_s - m) / beta) * sbx).sum(0),
-        (a * (sz + (m_s - m) * s1)).sum(0),
+        (torch.where(live, torch.exp((m_s - m) / beta), 0.0) * sbx).sum(0),
+        (a * (sz + shift)).sum(0),
         zy.max(0).values,
     ]
     return torch.stack(merged).unsqueeze(1)
@@ -816,28 +828,28 @@ class FusedParams:
     # vocab_chunked: across token slabs)
     accum_fp32: bool = True
     # vocabulary parallel: this rank's shard of the vocabulary is [vocab_offset, + weight rows)
+    # (a 0-dim device tensor: gathered without a host sync)
     process_group: object = None
-    vocab_offset: int = 0
-    vocab: int = 0  # the global vocabulary size
+    vocab_offset: torch.Tensor | int = 0
     impl: str = "fused"
     chunk_size: int | None = None
 
 
-_SHARDS: dict = {}
+def shard_layout(
+    local_vocab: int, group, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's vocabulary offset, the global vocabulary), 0-dim int64 tensors on ``device``,
+    for contiguous shards in rank order.
 
-
-def shard_layout(local_vocab: int, group) -> tuple[int, int]:
-    """(this rank's vocabulary offset, global vocabulary) for contiguous shards in rank order.
-
-    Every rank's shard size is gathered once per (group, size) and cached: the only host sync of
-    the vocabulary-parallel path, on its first call.
+    The shard sizes are all-gathered on every call: a tiny collective, no host sync. A cache
+    would hit or miss on each rank alone (two heads whose shards differ only on some ranks), and
+    a rank that missed entered the gather while the others went on to the next collective.
     """
-    key = (group, local_vocab)
-    if key not in _SHARDS:
-        sizes = [None] * dist.get_world_size(group)
-        dist.all_gather_object(sizes, local_vocab, group=group)
-        _SHARDS[key] = (sum(sizes[: dist.get_rank(group)]), sum(sizes))
-    return _SHARDS[key]
+    size = torch.full((1,), local_vocab, dtype=torch.int64, device=device)  # no host copy
+    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    sizes = torch.cat(sizes)
+    return sizes[: dist.get_rank(group)].sum(), sizes.sum()
 
 
 # A shard's labels: its target columns 0..V_local-1; ignored rows and targets on other shards
@@ -866,7 +878,7 @@ def _vocab_parallel_fwd(x, w, y, bias, params: FusedParams):
     mine = collapse_splits(partials, params.tofu.beta).contiguous()
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
-    return fused_tofu_merge(torch.cat(gathered, dim=1), y, params.vocab, params.tofu)
+    return fused_tofu_merge(torch.cat(gathered, dim=1), y, None, params.tofu)
 
 
 class FusedTOFUFunction(torch.autograd.Function):

@@ -482,8 +482,9 @@ def fused_linear_tofu_loss(
             contiguous shard of the vocabulary (shards in rank order, any sizes), ``labels`` hold
             global ids, and ``hidden`` is the same on every rank. Every rank gets the global
             loss, the gradient of its shard and the full ``grad_hidden``. Runs on the fused and
-            vocab_chunked impls (``auto``: fused; GPU, or ``TRITON_INTERPRET=1``); the shard
-            layout is gathered once and cached.
+            vocab_chunked impls (``auto``: fused, or vocab_chunked under
+            ``torch.use_deterministic_algorithms``; GPU, or ``TRITON_INTERPRET=1``); each call
+            all-gathers the shard sizes on the device (no host sync).
         return_stats: also return :class:`TOFUStats`.
 
     Returns:
@@ -555,8 +556,12 @@ def fused_linear_tofu_loss(
                 f"fused), which need CUDA tensors (or TRITON_INTERPRET=1) of {KERNEL_DTYPES}; "
                 f"got impl={impl!r} and {hidden.dtype} on {hidden.device}"
             )
-        impl = "fused" if impl == "auto" else impl
-        vocab_offset, vocab = shard_layout(weight.shape[0], process_group)
+        if impl == "auto":  # fused adds with atomics
+            deterministic = torch.are_deterministic_algorithms_enabled()
+            impl = "vocab_chunked" if deterministic else "fused"
+        vocab_offset, global_vocab = shard_layout(weight.shape[0], process_group, hidden.device)
+        # the labels' range is checked on CPU only, where reading the size is free
+        vocab = int(global_vocab) if hidden.device.type == "cpu" else None
     if (
         impl == "auto"
         and hidden.device.type == "cuda"
@@ -581,7 +586,8 @@ def fused_linear_tofu_loss(
             f"impl={impl!r} accumulates grad_weight in fp32 or, with accum_dtype=None, in the "
             f"weight's dtype; got accum_dtype={accum_dtype}"
         )
-    check_label_range(labels, vocab, ignore_index)
+    if vocab is not None:
+        check_label_range(labels, vocab, ignore_index)
 
     grad_on = torch.is_grad_enabled()
     needs = (
@@ -593,7 +599,7 @@ def fused_linear_tofu_loss(
         if impl in RECOMPUTE_IMPLS:
             fused = FusedParams(
                 tofu, filter_eps, accum_dtype is not None and accum_dtype != weight.dtype,
-                process_group, vocab_offset, vocab, impl, chunk_size,
+                process_group, vocab_offset, impl, chunk_size,
             )  # fmt: skip
             loss, row_stats = FusedTOFUFunction.apply(
                 hidden, weight, bias, labels, num_items_in_batch, fused, needs

@@ -81,7 +81,8 @@ def focal_weight(ell: torch.Tensor, gamma: float) -> torch.Tensor:
     # log1p(T) / T: softplus(ell) * exp(-ell) for large T, log1p(T) / T -> 1 as T -> 0.
     t = torch.exp(torch.clamp(ell, max=0.0))
     small = torch.where(t > 0, torch.log1p(t) / torch.where(t > 0, t, 1.0), 1.0)
-    ratio = torch.where(ell > 0, F.softplus(ell) * torch.exp(-torch.clamp(ell, min=0.0)), small)
+    big = torch.exp(-torch.clamp(ell, min=0.0))  # 0 for ell = inf: not inf * 0
+    ratio = torch.where(ell > 0, torch.where(big > 0, F.softplus(ell) * big, 0.0), small)
     return one_minus_p_pow * (1 + gamma * ratio)
 
 
@@ -125,7 +126,7 @@ def tofu_rows(
     g = focal_weight(ell, gamma)
     loss = g * (x.clamp(min=0) + beta * torch.log1p(torch.exp(-x.abs() / beta)))
     p = torch.exp(-F.softplus(ell))
-    entropy = torch.log(s1) - (e1 * zm).sum(1) / s1
+    entropy = torch.log(s1) - torch.where(e1 > 0, e1 * zm, 0).sum(1) / s1  # not 0 * -inf
     correct = (zy >= 0).to(z.dtype)
 
     nan = torch.full_like(loss, float("nan"))

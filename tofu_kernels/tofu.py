@@ -79,7 +79,8 @@ def tofu_row_terms(s1x, sbx, zy_m, gamma, beta):
     t = tl.exp(tl.minimum(ell, 0.0))
     u = 1.0 + t
     ratio_small = tl.where(u == 1.0, 1.0, tl.log(u) / (u - 1.0))
-    ratio = tl.where(ell > 0, sp * tl.exp(-tl.maximum(ell, 0.0)), ratio_small)
+    big = tl.exp(-tl.maximum(ell, 0.0))  # 0 for ell = inf (z_y - m overflowed): not inf * 0
+    ratio = tl.where(ell > 0, tl.where(big > 0, sp * big, 0.0), ratio_small)
     focal = tl.exp(-gamma * _softplus(-ell)) * (1.0 + gamma * ratio)
     g = tl.where(gamma == 0.0, 1.0, focal)  # a branch, not a power: exactly 1 at gamma = 0
     loss = g * (tl.maximum(x, 0.0) + beta * _log1p(tl.exp(-tl.abs(x) / beta)))
@@ -151,7 +152,9 @@ def _tofu_fwd_kernel(
             not_y = offs != y
             e1 = tl.exp(z - m_new)
             eb = tl.exp((z - m_new) * inv_beta)
-            sz = alpha * (sz + (m - m_new) * s1) + tl.sum(tl.where(mask, e1 * (z - m_new), 0.0))
+            # 0 where (m - m_new) or z - m_new overflowed (logits ~3e38 apart): not 0 * inf
+            shift = tl.where(alpha > 0, (m - m_new) * s1, 0.0)
+            sz = alpha * (sz + shift) + tl.sum(tl.where(e1 > 0, e1 * (z - m_new), 0.0))
             s1 = alpha * s1 + tl.sum(e1, axis=0)
             s1x = alpha * s1x + tl.sum(tl.where(not_y, e1, 0.0), axis=0)
             sbx = tl.exp((m - m_new) * inv_beta) * sbx + tl.sum(tl.where(not_y, eb, 0.0), axis=0)

@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from tofu_kernels.fused_tofu import (
-    _NEG_BIG,
     online_update,
     store_partials,
     tofu_dz,
@@ -86,7 +85,7 @@ def _chunk_partials_kernel(
     inv_beta = 1.0 / beta
     z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zn
 
-    m = tl.full((BLOCK_N,), _NEG_BIG, tl.float32)
+    m = tl.full((BLOCK_N,), -float("inf"), tl.float32)
     s1 = tl.zeros((BLOCK_N,), tl.float32)
     s1x = tl.zeros((BLOCK_N,), tl.float32)
     sbx = tl.zeros((BLOCK_N,), tl.float32)
