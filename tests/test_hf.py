@@ -65,6 +65,21 @@ ARCHS = {
     ),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
+    "hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", {"logits_scaling": 0.25}),
+    "falcon_h1": (
+        "FalconH1Config",
+        "FalconH1ForCausalLM",
+        {
+            "lm_head_multiplier": 0.3,
+            "mamba_d_ssm": 32,
+            "mamba_n_heads": 4,
+            "mamba_d_head": 8,
+            "mamba_d_state": 8,
+            "mamba_n_groups": 1,
+            "mamba_chunk_size": 8,
+        },
+    ),  # fmt: skip
+    "bloom": ("BloomConfig", "BloomForCausalLM", {}),  # return_dict: a parameter of its forward
     "mixtral": (
         "MixtralConfig",
         "MixtralForCausalLM",
@@ -76,6 +91,8 @@ ISSUE_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "p
 
 def tiny_model(arch: str, device, dtype=torch.float32, **overrides) -> nn.Module:
     config_cls, model_cls, extra = ARCHS[arch]
+    if not hasattr(transformers, model_cls):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_cls}")
     config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
     model = getattr(transformers, model_cls)(config)
     return model.to(device=device, dtype=dtype).train()
@@ -149,9 +166,10 @@ def test_loss_and_gradients_match_published(arch, device):
     torch.testing.assert_close(ce, hf, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["cohere", "granite", "mixtral"])
+@pytest.mark.parametrize("arch", ["cohere", "granite", "hyperclovax", "falcon_h1", "mixtral"])
 def test_registry_and_moe_losses(arch, device):
-    """Cohere's logit_scale and Granite's logits_scaling (registry), Mixtral's router loss."""
+    """Cohere's logit_scale, Granite's and HyperCLOVA X's logits_scaling and Falcon-H1's
+    lm_head_multiplier (registry), Mixtral's router loss."""
     model = tiny_model(arch, device)
     ids, mask, labels = batch(device)
     ref, _ = published(model, ids, mask, labels)
@@ -211,6 +229,33 @@ def test_outputs_options(device):
     assert out.logits is None
     ce = nn.functional.cross_entropy(ref_logits.flatten(0, 1), shift_labels(labels).flatten())
     torch.testing.assert_close(out.loss, ce.detach(), rtol=1e-5, atol=0)
+    # use_tofu_kernel on a patched model: its options inside, the earlier ones after (it reverted)
+    with use_tofu_kernel(model, gamma=GAMMA, beta=BETA):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-5, atol=0)
+    assert is_tofu_patched(model)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, ce.detach(), rtol=1e-5, atol=0)
+    # Trainer's num_items_in_batch counts labels != -100: another ignore_index gets a warning
+    apply_tofu_kernel(model, ignore_index=-1)
+    with pytest.warns(UserWarning, match="label ignored tokens -100"):
+        model(input_ids=ids, labels=labels.clamp(min=-1), num_items_in_batch=7)
+
+
+def test_return_dict_parameter(device):
+    """Bloom's forward takes return_dict as a parameter (not in **kwargs): False gives tuples,
+    in training (loss first) and in evaluation (loss, logits), as unpatched."""
+    model = tiny_model("bloom", device)
+    ids, mask, labels = batch(device)
+    ref, ref_logits = published(model, ids, mask, labels)
+    apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(out[0], ref.detach(), rtol=1e-5, atol=0)
+    model.eval()
+    loss, logits, *_ = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(logits, ref_logits.detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_shift_labels_and_logits_to_keep(device):
@@ -401,27 +446,42 @@ def test_backbone_by_get_decoder(device):
     patched, model.forward = model.forward, lambda *args, **kwargs: None
     with pytest.raises(RuntimeError, match="TOFUSFTTrainer"):
         model.model(input_ids=ids)
+    with torch.no_grad():  # not a training forward: features, probes
+        model.model(input_ids=ids)
+    model.eval().model(input_ids=ids)
+    model.train()
     model.forward = patched
     revert_tofu_kernel(model)
     assert not model.model._forward_pre_hooks
     model.model(input_ids=ids)
 
 
-@pytest.mark.parametrize("where", ["lora_on_lm_head", "modules_to_save"])
+@pytest.mark.parametrize("where", ["lora_on_lm_head", "modules_to_save", "trainable_tokens_tied"])
 def test_peft_heads(where, device):
     peft = pytest.importorskip("peft")
-    model = tiny_model("llama", device)
+    model = tiny_model("llama", device, tie_word_embeddings=where == "trainable_tokens_tied")
     if where == "lora_on_lm_head":
         # init_lora_weights=False: B != 0, so the adapter changes the logits from the first step.
         cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
-    else:
+    elif where == "modules_to_save":
         cfg = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    else:  # new tokens' rows trained, in the embeddings and (tied) in the head
+        tokens = {"embed_tokens": [5, 6, 7]}
+        cfg = peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=tokens)
     model = peft.get_peft_model(model, cfg)
+    if where == "trainable_tokens_tied":
+        with torch.no_grad():  # trained rows that differ from the originals
+            for p in model.parameters():
+                if p.requires_grad and p.shape[0] == 3:
+                    p.add_(torch.randn_like(p))
     ids, mask, labels = batch(device)
+    ids[:, 2] = 6  # an input and a target that are trainable tokens
+    labels[0, 4] = 7
     ref, _ = published(model, ids, mask, labels)
     ref.backward()
     ref_grads = grads(model)
-    assert any("lora_B" in n for n in ref_grads) and "lm_head" in "".join(ref_grads)
+    trained = "trainable_tokens_delta" if where == "trainable_tokens_tied" else "lm_head"
+    assert any("lora_B" in n for n in ref_grads) and trained in "".join(ref_grads)
     apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
     assert is_tofu_patched(model) and is_tofu_patched(model.get_base_model())
     out = model(input_ids=ids, attention_mask=mask, labels=labels)

@@ -8,6 +8,7 @@ a few training steps take minutes.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -140,6 +141,33 @@ def test_sft_trainer_trains_with_tofu(device, tmp_path):
     assert get_tofu_stats(model) is not None  # the loss came from the patched forward
     metrics = trainer.evaluate(kwargs["train_dataset"].select(range(8)))
     assert math.isfinite(metrics["eval_loss"]) and "eval_mean_p" in metrics
+
+
+@pytest.mark.parametrize(
+    "option", ["label_smoothing_factor", "compute_loss_func", "loss_type", "no_labels_warning"]
+)
+def test_trainer_options_that_replace_the_loss(device, tmp_path, option):
+    """Trainer computes its own loss from logits under label smoothing or a compute_loss_func
+    (TRL's DFT too): TOFUSFTTrainer refuses them (it trained smoothed cross-entropy), and a
+    patched model warns on a training forward without labels (plain Trainer)."""
+    trl, model, tokenizer, kwargs = sft_setup(device, tmp_path, max_steps=1)
+    from tofu_kernels.hf import TOFUSFTTrainer
+
+    apply_tofu_kernel(model, impl="torch")
+    if option == "no_labels_warning":
+        ids = torch.randint(3, 20, (2, 6), device=device)
+        with pytest.warns(UserWarning, match="label_smoothing_factor"):
+            model.train()(input_ids=ids)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(input_ids=ids)  # not a training forward: no warning
+        return
+    if option == "compute_loss_func":
+        kwargs["compute_loss_func"] = lambda outputs, labels, num_items_in_batch=None: 0
+    else:
+        setattr(kwargs["args"], option, 0.1 if option == "label_smoothing_factor" else "dft")
+    with pytest.raises(ValueError, match=option):
+        TOFUSFTTrainer(model=model, processing_class=tokenizer, **kwargs)
 
 
 def test_plain_sft_trainer_never_trains_cross_entropy(device, tmp_path):

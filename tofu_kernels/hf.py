@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +69,9 @@ __all__ = [
 ]
 
 _STATE = "_tofu_state"
+# what apply_tofu_kernel sets on the state (softcap and scale: read from the model)
+_OPTIONS = ("gamma", "beta", "ignore_index", "impl", "chunk_size", "accum_dtype", "return_logits",
+            "softcap", "scale")  # fmt: skip
 # impl option -> (impl of fused_linear_tofu_loss in training, impl of tofu_loss on eval logits)
 _IMPLS = {
     "auto": ("auto", "auto"),
@@ -122,6 +126,14 @@ def _granite_scale(model: nn.Module) -> float:
     return 1.0 / float(_text_config(model).logits_scaling)
 
 
+def _hyperclovax_scale(model: nn.Module) -> float:  # muP as Granite's, multiplied
+    return float(_text_config(model).logits_scaling)
+
+
+def _falcon_h1_scale(model: nn.Module) -> float:
+    return float(_text_config(model).lm_head_multiplier)
+
+
 #: ``config.model_type`` -> :class:`HeadSpec`. Architectures not listed get the default spec
 #: (``final_logit_softcapping`` when the config has it, which covers Gemma 2 and 3), and every
 #: spec is checked against the model's own logits by :func:`apply_tofu_kernel`.
@@ -138,6 +150,8 @@ HEAD_SPECS: dict[str, HeadSpec] = {
         ),
         HeadSpec(scale=_granite_scale),
     ),
+    **dict.fromkeys(("hyperclovax", "hyperclovax_vision_v2"), HeadSpec(scale=_hyperclovax_scale)),
+    "falcon_h1": HeadSpec(scale=_falcon_h1_scale),
 }
 
 
@@ -218,6 +232,21 @@ def _head_operands(
     head: nn.Module, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(hidden, weight, bias)`` with ``head(x) == hidden @ weight.T + bias``."""
+    if hasattr(head, "token_adapter"):
+        # PEFT's trainable tokens on a head tied to the embeddings: rows of the weight replaced
+        # by trained ones, differentiably (index_copy), then F.linear without bias, as PEFT does.
+        layer = head.token_adapter
+        active = list(layer.active_adapters)
+        if layer.disable_adapters or not active or layer.merged:
+            if layer.merged and (layer.disable_adapters or not active):
+                layer.unmerge()  # as PEFT's own forward does
+            return _head_operands(layer.base_layer, x)
+        if not _is_plain_linear(layer.base_layer):
+            raise UnsupportedModelError(
+                f"lm_head's trainable tokens wrap a {type(layer.base_layer).__name__}; the fused "
+                "TOFU loss needs an nn.Linear"
+            )
+        return x, _full(layer.get_merged_weights(active)), None
     if hasattr(head, "modules_to_save") and hasattr(head, "original_module"):
         # PEFT's modules_to_save: the trained copy of the active adapter, else the original.
         active = list(head.active_adapters)
@@ -402,10 +431,24 @@ def _tofu_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state.depth += 1
     try:
         if labels is None:
+            if self.training and torch.is_grad_enabled():
+                warnings.warn(_NO_LABELS_MESSAGE, stacklevel=5)  # the caller of model(...)
             return original(*args, **kwargs)
         return _forward_with_labels(self, state, original, bound, labels)
     finally:
         state.depth -= 1
+
+
+_NO_LABELS_MESSAGE = (
+    "a training forward of a model patched with tofu_kernels.apply_tofu_kernel got no labels: it "
+    "returns logits, and whatever loss is computed from them is not TOFU (Trainer computes its "
+    "own when label_smoothing_factor or compute_loss_func is set; leave both unset)"
+)
+_NUM_ITEMS_MESSAGE = (
+    "apply_tofu_kernel(ignore_index={i}) got num_items_in_batch: transformers' Trainer counts the "
+    "labels that are not -100 for it, so tokens labelled {i} count as targets and the mean "
+    "comes out too small; under Trainer, label ignored tokens -100"
+)
 
 
 def _original_forward(model: nn.Module, state: _TOFUState | None) -> Callable[..., Any]:
@@ -428,11 +471,19 @@ def _forward_with_labels(
     extra = dict(extra)
     given_shift = extra.get("shift_labels")
     num_items = extra.get("num_items_in_batch")
-    return_dict = extra.pop("return_dict", None)
+    if num_items is not None and state.ignore_index != -100:
+        warnings.warn(_NUM_ITEMS_MESSAGE.format(i=state.ignore_index), stacklevel=6)
+    # return_dict: a parameter of its own (Bloom, Falcon, Mamba, ...) or one of the **kwargs
+    explicit = "return_dict" in state.signature.parameters
+    return_dict = bound.arguments.get("return_dict") if explicit else extra.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True) is not False
     if not return_dict or getattr(model.config, "return_dict", True) is False:
-        extra["return_dict"] = True  # we need the fields by name; the tuple is made below
+        # we need the fields by name; the tuple is made below
+        if explicit:
+            bound.arguments["return_dict"] = True
+        else:
+            extra["return_dict"] = True
     if var_kw:
         bound.arguments[var_kw] = extra
     bound.arguments["labels"] = None
@@ -481,12 +532,13 @@ def _forward_with_labels(
 
 
 _TRL_MESSAGE = (
-    "the model is patched with tofu_kernels.apply_tofu_kernel, but something calls its backbone "
-    "outside the patched forward and computes its own loss from the LM head: TRL's SFTTrainer "
-    "(>= 1.0) adds a fused cross-entropy head and takes its loss from per-token log-probabilities, "
-    "so it would train with cross-entropy, not TOFU. Use tofu_kernels.hf.TOFUSFTTrainer instead "
-    "of trl.SFTTrainer (same arguments), or pass compute_loss_func=tofu_kernels.tofu_loss_func() "
-    "to an unpatched model."
+    "the model is patched with tofu_kernels.apply_tofu_kernel, but something runs a training "
+    "forward of its backbone outside the patched forward and computes its own loss from the LM "
+    "head: TRL's SFTTrainer (>= 1.0) adds a fused cross-entropy head and takes its loss from "
+    "per-token log-probabilities, so it would train with cross-entropy, not TOFU. Use "
+    "tofu_kernels.hf.TOFUSFTTrainer instead of trl.SFTTrainer (same arguments), or pass "
+    "compute_loss_func=tofu_kernels.tofu_loss_func() to an unpatched model. (A backbone call on "
+    "purpose, for features: under torch.no_grad() or in eval mode, or revert_tofu_kernel first.)"
 )
 
 
@@ -495,8 +547,11 @@ def _bypass_guard(state: _TOFUState, owner_forward: Callable[[], Any], module: n
 
     Someone who replaced ``model.forward`` on top of ours and calls the backbone directly computes
     their own loss (TRL's fused cross-entropy head): silent cross-entropy, unless we raise here.
+    Only a training forward (train mode, autograd on) can train on such a loss: others pass.
     """
-    if state.active and state.depth == 0 and owner_forward() is not state.patched:
+    if not (state.active and state.depth == 0 and module.training and torch.is_grad_enabled()):
+        return
+    if owner_forward() is not state.patched:
         raise RuntimeError(_TRL_MESSAGE)
 
 
@@ -773,12 +828,21 @@ def revert_tofu_kernel(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def use_tofu_kernel(model: nn.Module, **options: Any) -> Iterator[nn.Module]:
-    """``with use_tofu_kernel(model, gamma=3.0): ...``: patched inside the block only."""
+    """``with use_tofu_kernel(model, gamma=3.0): ...``: patched with these options inside the
+    block; afterwards as before it (unpatched, or patched with its earlier options)."""
+    state = vars(_causal_lm(model)).get(_STATE)
+    before = None
+    if state is not None and state.active:
+        before = {k: getattr(state, k) for k in _OPTIONS}
     apply_tofu_kernel(model, **options)
     try:
         yield model
     finally:
-        revert_tofu_kernel(model)
+        state = vars(_causal_lm(model)).get(_STATE)
+        if before is None:
+            revert_tofu_kernel(model)
+        elif state is not None:  # the earlier options, checked when they were applied
+            vars(state).update(before)
 
 
 def is_tofu_patched(model: nn.Module) -> bool:
@@ -868,6 +932,21 @@ def _make_sft_trainer() -> type:
             if not is_tofu_patched(self.model):
                 raise ValueError(
                     "TOFUSFTTrainer needs a model patched by tofu_kernels.apply_tofu_kernel(model)"
+                )
+            # each makes the trainer compute its own loss from logits instead of the model's TOFU
+            replaced = [
+                name
+                for name, on in (
+                    ("label_smoothing_factor", self.args.label_smoothing_factor > 0),
+                    ("compute_loss_func", self.compute_loss_func is not None),
+                    ("loss_type", getattr(self.args, "loss_type", "nll") != "nll"),
+                )
+                if on
+            ]
+            if replaced:
+                raise ValueError(
+                    f"TOFUSFTTrainer trains the patched model's TOFU loss; {', '.join(replaced)} "
+                    "would replace it with another loss: leave them at their defaults"
                 )
 
         def compute_loss(
