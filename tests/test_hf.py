@@ -337,6 +337,35 @@ def test_compiled_model(impl, device):
     torch.testing.assert_close(out.loss, eager.detach(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("patch", ["before", "after"])
+def test_accelerate_compile_regions(patch, device):
+    """accelerate's compile_regions copies the model, compiles its blocks and keeps the original
+    as _orig_mod. Patched after, the original was patched and the copy trained cross-entropy;
+    patched before, the copy's forward ran the original's uncompiled blocks."""
+    from accelerate.utils import compile_regions
+
+    torch._dynamo.reset()
+    model = tiny_model("llama", device)
+    ids, mask, labels = batch(device)
+    ref, _ = published(model, ids, mask, labels)
+    ref.backward()
+    ref_grads = grads(model)
+    if patch == "before":
+        apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
+    regions = compile_regions(model, backend="aot_eager")
+    if patch == "after":
+        apply_tofu_kernel(regions, gamma=GAMMA, beta=BETA)
+    assert is_tofu_patched(regions)
+    block_calls = []
+    regions.model.layers[0].register_forward_hook(lambda *_: block_calls.append(1))
+    out = regions(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is None and block_calls  # the fused loss, from the compiled blocks
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-5, atol=0)
+    out.loss.backward()
+    got = {name.replace("_orig_mod.", ""): g for name, g in grads(regions).items()}
+    assert_grads_close(got, ref_grads)
+
+
 def test_gradient_checkpointing_and_accelerate_hooks(device):
     """Gradient checkpointing (both forms), and accelerate hooks on lm_head (as device_map and
     offloading install them, before or after the patch): the hook still runs around the fused

@@ -232,6 +232,7 @@ def _head_operands(
     head: nn.Module, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(hidden, weight, bias)`` with ``head(x) == hidden @ weight.T + bias``."""
+    head = _uncompiled(head)  # a compiled head (accelerate's compile_regions)
     if hasattr(head, "token_adapter"):
         # PEFT's trainable tokens on a head tied to the embeddings: rows of the weight replaced
         # by trained ones, differentiably (index_copy), then F.linear without bias, as PEFT does.
@@ -569,6 +570,16 @@ class _PatchedForward:
             args = args[1:]
         return _tofu_forward(self.model, *args, **kwargs)
 
+    # A bound method's two attributes: a copy of the model that rebinds its instance methods
+    # (accelerate's compile_regions) then binds this forward to itself, not to the original.
+    @property
+    def __self__(self) -> nn.Module:
+        return self.model
+
+    @property
+    def __func__(self) -> Callable[..., Any]:
+        return _tofu_forward
+
     @property
     def __signature__(self) -> inspect.Signature:
         """The class forward's, bound: Trainer and generate() inspect it (loss kwargs, columns)."""
@@ -585,9 +596,17 @@ class _OwnerForward:
         return vars(self.owner).get("forward")
 
 
+def _uncompiled(module: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile(module)``. Not any ``_orig_mod``: accelerate's
+    ``compile_regions`` returns a copy of the model (its blocks compiled) that keeps the original
+    as ``_orig_mod``, and the copy is what runs."""
+    compiled = getattr(getattr(torch, "_dynamo", None), "OptimizedModule", None)
+    return module._orig_mod if compiled is not None and isinstance(module, compiled) else module
+
+
 def _causal_lm(model: nn.Module) -> nn.Module:
     """The transformers model inside a ``torch.compile`` or PEFT wrapper (or the model itself)."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile(model): patch the model inside
+    model = _uncompiled(model)  # torch.compile(model): patch the model inside
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base) and hasattr(model, "peft_config"):
         return get_base()
