@@ -581,6 +581,11 @@ class _PatchedForward:
         return _tofu_forward
 
     @property
+    def __code__(self) -> Any:
+        """The class forward's, as ``__signature__``: torch.export (non-strict) reads it."""
+        return type(self.model).forward.__code__
+
+    @property
     def __signature__(self) -> inspect.Signature:
         """The class forward's, bound: Trainer and generate() inspect it (loss kwargs, columns)."""
         return inspect.signature(functools.partial(type(self.model).forward, self.model))
