@@ -52,6 +52,15 @@ def _describe(row: dict) -> str:
 AUTO_CANDIDATES = ("chunked", "vocab_chunked", "fused")
 
 
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """One row per (provider, loss, case, tokens): the last, where a run was completed by
+    ``run.py --cases`` (its rows appended), in the place of the first."""
+    latest: dict[tuple, dict] = {}
+    for r in rows:
+        latest[(r["provider"], r["loss"], r["case"], r["tokens"])] = r
+    return list(latest.values())
+
+
 def auto_choice(rows: list[dict]) -> dict | None:
     """impl="auto"'s picks on this run's card: per regime ("train": with grad_weight, "frozen":
     a LoRA head), the candidate with the least total time over the forward+backward TOFU cases
@@ -245,6 +254,7 @@ def write_reports(
     rows: list[dict], env: dict, headline: tuple[str, int], out: Path, preset: str
 ) -> str:
     """Write results.md and the plots into ``out``; return the headline table."""
+    rows = latest_rows(rows)
     plots = plot(rows, headline, out)
     head = headline_table(rows, headline)
     extra = env["versions"]

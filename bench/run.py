@@ -435,10 +435,10 @@ def run(preset: Preset, providers: list[Provider], budget_s: float | None, out: 
             for loss in (loss for loss in LOSSES if loss in provider.losses):
                 if provider.name in preset.headline_only and not headline:
                     result = {"status": "unavailable", "note": "timed at the headline case only"}
+                elif shared is not None:  # measured already: not skipped by the deadline
+                    result = shared
                 elif time.monotonic() > deadline:
                     result = {"status": "unavailable", "note": "skipped: time budget spent"}
-                elif shared is not None:
-                    result = shared
                 else:
                     if inputs is None and input_error is None:
                         try:  # built on first use, so a case past the budget allocates nothing
@@ -489,7 +489,43 @@ def _complete(row: dict) -> dict:
 
 
 def write_json(rows: list[dict], out: Path) -> None:
-    (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    """Rewrite results.json whole: a run killed mid-write leaves the previous one, not half."""
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, out / "results.json")
+
+
+def cut_short_rows(rows: list[dict], preset: Preset) -> list[dict]:
+    """The rows of a killed run, plus an "unavailable" row for each (case, provider, loss) it
+    never reached: a provider that ran in some case is in every case's tables."""
+    if not rows:
+        return rows
+    env = {key: rows[0][key] for key in ENV_KEYS}
+    pairs = list(dict.fromkeys((r["provider"], r["loss"]) for r in rows))
+    seen = {(r["case"], r["tokens"], r["provider"], r["loss"]) for r in rows}
+    missing = [
+        _complete(
+            {
+                "provider": provider,
+                "loss": loss,
+                "case": case.name,
+                "tokens": case.tokens,
+                "hidden": case.hidden,
+                "vocab": case.vocab,
+                "dtype": case.dtype,
+                "mode": case.mode,
+                "weight_grad": case.weight_grad,
+                "ignored": case.ignored,
+                "status": "unavailable",
+                "note": "the run was cut short before this row",
+                **env,
+            }
+        )
+        for case in preset.cases
+        for provider, loss in pairs
+        if (case.name, case.tokens, provider, loss) not in seen
+    ]
+    return rows + missing
 
 
 def _progress(row: dict) -> str:
@@ -516,8 +552,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     preset = PRESETS[args.preset]
+    if args.cases:
+        wanted = set(args.cases.split(","))
+        preset = replace(preset, cases=tuple(c for c in preset.cases if c.name in wanted))
     if args.report_only:  # after a killed run, or where the run's machine had no matplotlib
-        rows = json.loads((args.out / "results.json").read_text())
+        rows = cut_short_rows(json.loads((args.out / "results.json").read_text()), preset)
+        write_json(rows, args.out)
     else:
         if args.preset != "smoke" and DEVICE == "cpu":
             parser.error(f"preset {args.preset} needs a CUDA device (use --preset smoke on CPU)")
@@ -525,9 +565,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.providers:
             wanted = set(args.providers.split(","))
             providers = [p for p in providers if p.name in wanted]
-        if args.cases:
-            wanted = set(args.cases.split(","))
-            preset = replace(preset, cases=tuple(c for c in preset.cases if c.name in wanted))
         args.out.mkdir(parents=True, exist_ok=True)
         rows = run(preset, providers, args.budget_s, args.out)
         write_json(rows, args.out)

@@ -185,6 +185,26 @@ def test_report_only_rebuilds_from_json(smoke, tmp_path):
     assert list(tmp_path.glob("*.png"))
 
 
+def test_cut_short_and_completed_runs(smoke, monkeypatch, tmp_path):
+    """A killed run's report says which rows it never reached, and a run completed by
+    --cases (rows appended) is reported from each row's last measurement."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    run = importlib.import_module("run")
+    report = importlib.import_module("report")
+    _, _, rows = smoke
+    first = [r for r in rows if r["case"] == rows[0]["case"] and r["tokens"] == rows[0]["tokens"]]
+    full = run.cut_short_rows(first, run.PRESETS["smoke"])
+    assert len(full) == len(rows)  # every (case, provider, loss) of the preset has a row
+    assert {r["note"] for r in full[len(first) :]} == {"the run was cut short before this row"}
+    assert run.cut_short_rows(rows, run.PRESETS["smoke"]) == rows
+    redo = dict(rows[0], status="ok", ms=123.0, note="completed")
+    latest = report.latest_rows([dict(rows[0], status="unavailable", ms=None), *rows[1:], redo])
+    assert len(latest) == len(rows) and latest[0]["ms"] == 123.0
+    run.write_json(rows, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_failures_become_rows(monkeypatch, tmp_path):
     """Unavailable, out of memory, an exception, a wrong loss, a stuck provider and a spent
     budget each give a row with its status; the run itself never fails."""
@@ -235,6 +255,16 @@ def test_failures_become_rows(monkeypatch, tmp_path):
     assert [(r["status"], r["note"]) for r in late] == [
         ("unavailable", "skipped: time budget spent")
     ]
+
+    # the floor's one measurement serves its second loss even when the budget ran out during
+    # the first (that row was "skipped", and the headline's floor column blank)
+    def floor(h, w, y):
+        time.sleep(0.3)
+        return h @ w.t()
+
+    gemms = providers.Provider("floor", ("tofu", "ce"), lambda case, loss: floor, has_loss=False)
+    rows = run.run(dataclasses.replace(preset, provider_timeout_s=30), [gemms], 0.2, tmp_path)
+    assert [r["status"] for r in rows] == ["ok", "ok"] and rows[0]["ms"] == rows[1]["ms"]
 
     names = {p.name for p in providers.all_providers()}
     assert set(run.PRESETS["h100"].headline_only) <= names  # no misspelt name skips nothing
