@@ -7,6 +7,7 @@ short last chunk, a handful of tokens (the TOFU kernel runs interpreted, one pro
 from __future__ import annotations
 
 import gc
+import inspect
 import itertools
 import json
 import os
@@ -145,6 +146,28 @@ def test_oracle_extreme_logits(device, impl, extreme):
     _, ref, _ = tofu_rows(b.double().expand(6, v), y, 3.0, 0.8)
     for i, name in enumerate(("mean_p", "mean_focal_weight", "entropy", "accuracy")):
         assert rel_err(getattr(stats, name), ref[i].mean()) < 1e-5, name
+
+
+@pytest.mark.parametrize("impl", [*KERNEL_IMPLS, "torch"])
+def test_logits_that_overflow(device, impl):
+    """Finite bf16 inputs whose logits overflow fp32 to -inf over a whole first tile (256
+    columns) and at one target: every impl gives the loss of those logits, the last token's
+    inf (its loss is beyond fp32). With running maxima started at -inf, such a tile made the
+    sums NaN (-inf - -inf), and a -inf target was taken for an out-of-range label (NaN)."""
+    v, h = 301, 16
+    w = torch.randn(v, h, device=device) * 0.1
+    w[:256] = -1e20  # x @ w.T = 1e19 * -1e20: -inf in fp32
+    w[256:, 0] = 0.0
+    x = torch.zeros(3, h, device=device)
+    x[:, 0] = 1e19
+    x, w = x.bfloat16(), w.bfloat16()
+    y = torch.tensor([260, 300, 5], device=device)
+    logits = x.float() @ w.float().T
+    assert torch.isinf(logits[:, :256]).all() and torch.isfinite(logits[:, 256:]).all()
+    ref, _, _ = tofu_rows(logits.double(), y, 3.0, 0.8)
+    loss = fused_linear_tofu_loss(x, w, y, impl=impl, reduction="none")
+    assert loss[2] == float("inf") and ref[2] == float("inf")
+    assert rel_err(loss[:2], ref[:2]) < 1e-5
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
@@ -326,16 +349,18 @@ def test_module_matches_function(device, impl):
     assert torch.equal(module(x, w, y, b), expected)
 
 
-def test_module_passes_every_option(device):
-    """The module's options reach the function (a filter that skips every row: no gradient)."""
-    x, w, b, y = make_inputs((9,), 37, 301, torch.float32, device, bias=True)
-    options = dict(drop_ignored=False, filter_eps=1.0, accum_dtype=None, return_stats=True)
-    x.requires_grad_(True)
-    loss, stats = FusedLinearTOFULoss(impl="fused", **options)(x, w, y, b)
-    expected, _ = fused_linear_tofu_loss(x, w, y, bias=b, impl="fused", **options)
-    assert torch.equal(loss, expected) and stats.n_tokens > 0
-    loss.backward()
-    assert (x.grad == 0).all()
+def test_module_passes_every_option(monkeypatch):
+    """Every option of the module's constructor reaches the function, as given."""
+    names = list(inspect.signature(FusedLinearTOFULoss).parameters)
+    options = {name: object() for name in names}  # a distinct sentinel each
+    calls = []
+    monkeypatch.setattr(linear_mod, "fused_linear_tofu_loss", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(linear_mod, "TOFUParams", lambda *a: None)  # takes the sentinels
+    monkeypatch.setattr(linear_mod, "LINEAR_IMPLS", (options["impl"],))
+    FusedLinearTOFULoss(**options)("h", "w", "y", "b", num_items_in_batch="n")
+    (kwargs,) = calls
+    assert {k: kwargs[k] for k in names} == options
+    assert kwargs["bias"] == "b" and kwargs["num_items_in_batch"] == "n"
 
 
 def test_backward_twice_and_double_backward_raise(device):

@@ -244,18 +244,21 @@ def online_update(z, cols, col_mask, y, inv_beta, m, s1, s1x, sbx, sz, zy, found
     ``sz`` of (z - m) exp(z - m); ``zy`` the target logit where ``found``."""
     z = tl.where(col_mask[None, :], z, -float("inf"))
     m_new = tl.maximum(m, tl.max(z, axis=1))
-    alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
-    zm = z - m_new[:, None]
+    # the sums are relative to m_new, or to 0 while every logit so far is -inf (logits that
+    # overflowed their dtype): -inf - -inf would make them NaN
+    m_ref = tl.where(m_new > -float("inf"), m_new, 0.0)
+    alpha = tl.exp(m - m_ref)  # 0 on the first tile (m = -inf)
+    zm = z - m_ref[:, None]
     e1 = tl.exp(zm)
     eb = tl.exp(zm * inv_beta)
     is_y = cols[None, :] == y[:, None]
-    # where alpha is 0, (m - m_new) * s1 is -inf * 0 (the first tile) or may overflow: 0 there;
+    # where alpha is 0, (m - m_ref) * s1 is -inf * 0 (the first tile) or may overflow: 0 there;
     # likewise e1 * zm where zm overflowed to -inf (logits ~3e38 apart)
-    shift = tl.where(alpha > 0, (m - m_new) * s1, 0.0)
+    shift = tl.where(alpha > 0, (m - m_ref) * s1, 0.0)
     sz = alpha * (sz + shift) + tl.sum(tl.where(e1 > 0, e1 * zm, 0.0), axis=1)
     s1 = alpha * s1 + tl.sum(e1, axis=1)
     s1x = alpha * s1x + tl.sum(tl.where(is_y, 0.0, e1), axis=1)
-    sbx = tl.exp((m - m_new) * inv_beta) * sbx + tl.sum(tl.where(is_y, 0.0, eb), axis=1)
+    sbx = tl.exp((m - m_ref) * inv_beta) * sbx + tl.sum(tl.where(is_y, 0.0, eb), axis=1)
     zy += tl.sum(tl.where(is_y, z, 0.0), axis=1)
     found += tl.sum(is_y.to(tl.float32), axis=1)
     return m_new, s1, s1x, sbx, sz, zy, found
@@ -327,8 +330,9 @@ def _fused_merge_kernel(
         ab = tl.where(live, tl.exp((m_s - m) * inv_beta), 0.0)
         sbx += ab * tl.load(p + 3 * stride_part, mask=row_mask, other=0.0)
         zy = tl.maximum(zy, tl.load(p + 5 * stride_part, mask=row_mask, other=-float("inf")))
-    # a label in range is some split's column (zy finite); V may be unknown (a shard's rank)
-    in_range = (y >= 0) & (y < V) & (zy > -float("inf"))
+    # V < 0: not known on the host (vocabulary parallel); a label is in range there when some
+    # shard found its target (zy finite, as it is for finite logits)
+    in_range = (y >= 0) & tl.where(V < 0, zy > -float("inf"), y < V)
     row_ok = valid & in_range & row_mask
     zy_m = tl.where(row_ok, zy - m, 0.0)
     s1x = tl.where(row_ok, s1x, 0.0)
@@ -581,7 +585,7 @@ def fused_tofu_merge(
     the backward's per-row terms ``(4, N)``: row max, g / sb, target column, g. ``vocab`` None:
     not known on the host (vocabulary parallel); a label no partial holds is out of range."""
     if vocab is None:
-        vocab = 2**31 - 1
+        vocab = -1
     n = labels.shape[0]
     labels = labels.contiguous()
     loss = torch.empty(n, dtype=torch.float32, device=labels.device)

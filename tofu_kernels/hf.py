@@ -759,7 +759,8 @@ def apply_tofu_kernel(
         model: a ``*ForCausalLM`` (any architecture with ``lm_head`` and a decoder returning
             ``last_hidden_state``) or a PEFT model around one. Tied embeddings, a frozen
             ``lm_head`` (its weight gradient is skipped), PEFT LoRA or ``modules_to_save`` on
-            ``lm_head``, and bf16/fp16 models are supported.
+            ``lm_head`` (and ``trainable_token_indices`` with tied embeddings), and bf16/fp16
+            models are supported.
         gamma, beta, ignore_index: the TOFU options (see :func:`tofu_kernels.tofu_loss`).
         impl: ``"auto"`` (Triton on GPU, PyTorch on CPU), ``"chunked"`` (alias ``"triton"``),
             ``"vocab_chunked"``, ``"fused"`` or ``"torch"``: the impl of the fused loss in

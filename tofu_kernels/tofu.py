@@ -148,16 +148,18 @@ def _tofu_fwd_kernel(
             )
             z = tl.where(mask, z, -float("inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
-            alpha = tl.exp(m - m_new)
+            # relative to 0 while every logit so far is -inf (overflowed): not -inf - -inf
+            m_ref = tl.where(m_new > -float("inf"), m_new, 0.0)
+            alpha = tl.exp(m - m_ref)
             not_y = offs != y
-            e1 = tl.exp(z - m_new)
-            eb = tl.exp((z - m_new) * inv_beta)
-            # 0 where (m - m_new) or z - m_new overflowed (logits ~3e38 apart): not 0 * inf
-            shift = tl.where(alpha > 0, (m - m_new) * s1, 0.0)
-            sz = alpha * (sz + shift) + tl.sum(tl.where(e1 > 0, e1 * (z - m_new), 0.0))
+            e1 = tl.exp(z - m_ref)
+            eb = tl.exp((z - m_ref) * inv_beta)
+            # 0 where (m - m_ref) or z - m_ref overflowed (logits ~3e38 apart): not 0 * inf
+            shift = tl.where(alpha > 0, (m - m_ref) * s1, 0.0)
+            sz = alpha * (sz + shift) + tl.sum(tl.where(e1 > 0, e1 * (z - m_ref), 0.0))
             s1 = alpha * s1 + tl.sum(e1, axis=0)
             s1x = alpha * s1x + tl.sum(tl.where(not_y, e1, 0.0), axis=0)
-            sbx = tl.exp((m - m_new) * inv_beta) * sbx + tl.sum(tl.where(not_y, eb, 0.0), axis=0)
+            sbx = tl.exp((m - m_ref) * inv_beta) * sbx + tl.sum(tl.where(not_y, eb, 0.0), axis=0)
             m = m_new
 
     zy_m = zy - m
