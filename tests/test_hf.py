@@ -242,6 +242,39 @@ def test_outputs_options(device):
         model(input_ids=ids, labels=labels.clamp(min=-1), num_items_in_batch=7)
 
 
+def test_patch_after_later_changes(device):
+    """What the model does after apply_tofu_kernel checked it: a changed softcap or logit scale
+    trains with the new value (it kept the checked one, unlike the model's own forward); a
+    re-apply that the check refuses leaves the earlier options (it installed the refused ones);
+    an lm_head hook added later gets a warning, since the fused loss cannot see its effect."""
+    ids, mask, labels = batch(device)
+    for arch, owner, attr in (("gemma2", "config", "final_logit_softcapping"),
+                              ("cohere", None, "logit_scale")):  # fmt: skip
+        model = tiny_model(arch, device)
+        apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)  # checked at 2.0 and 0.5
+        setattr(getattr(model, owner) if owner else model, attr, 0.3)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        revert_tofu_kernel(model)
+        ref, _ = published(model, ids, mask, labels)
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
+
+    model = tiny_model("llama", device)
+    ref, _ = published(model, ids, mask, labels)
+    apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.warns(UserWarning, match="hooks that apply_tofu_kernel has not checked"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    for refused in (
+        lambda: apply_tofu_kernel(model, gamma=0.5, beta=0.3),
+        lambda: use_tofu_kernel(model, gamma=0.5, beta=0.3).__enter__(),
+    ):
+        with pytest.raises(UnsupportedModelError):
+            refused()
+    hook.remove()
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)  # gamma 3, beta 0.8 still
+
+
 def test_return_dict_parameter(device):
     """Bloom's forward takes return_dict as a parameter (not in **kwargs): False gives tuples,
     in training (loss first) and in evaluation (loss, logits), as unpatched."""

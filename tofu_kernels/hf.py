@@ -71,7 +71,7 @@ __all__ = [
 _STATE = "_tofu_state"
 # what apply_tofu_kernel sets on the state (softcap and scale: read from the model)
 _OPTIONS = ("gamma", "beta", "ignore_index", "impl", "chunk_size", "accum_dtype", "return_logits",
-            "softcap", "scale")  # fmt: skip
+            "softcap", "scale", "spec")  # fmt: skip
 # impl option -> (impl of fused_linear_tofu_loss in training, impl of tofu_loss on eval logits)
 _IMPLS = {
     "auto": ("auto", "auto"),
@@ -312,8 +312,11 @@ class _TOFUState:
         self.chunk_size: int | None = options["chunk_size"]
         self.accum_dtype: torch.dtype | None = options["accum_dtype"]
         self.return_logits: bool = options["return_logits"]
+        # as checked at patch time; training reads the spec's values afresh (a config may change)
         self.softcap: float | None = options["softcap"]
         self.scale: float | None = options["scale"]
+        self.spec: HeadSpec = options["spec"]
+        self.head_hooks: tuple[int, frozenset] = (0, frozenset())  # (id(lm_head), hooks) checked
         self.previous: Any = None  # the instance ``forward`` that was there, if any
         self.patched: Any = None  # the _PatchedForward we installed
         self.signature: inspect.Signature | None = None
@@ -335,6 +338,7 @@ class _FusedHead:
 
     def __init__(
         self,
+        model: nn.Module,
         head: nn.Module,
         state: _TOFUState,
         labels: torch.Tensor,
@@ -342,6 +346,8 @@ class _FusedHead:
     ) -> None:
         self.head, self.state, self.labels = head, state, labels
         self.num_items_in_batch = num_items_in_batch
+        # the values the model's own forward reads now, in the form the patch checked
+        self.softcap, self.scale = state.spec.softcap(model), state.spec.scale(model)
         self.calls = 0
         self.loss: torch.Tensor | None = None
         self.anchor: torch.Tensor | None = None
@@ -356,6 +362,8 @@ class _FusedHead:
                 "the fused TOFU loss supports one lm_head(hidden_states) call per forward"
             )
         st = self.state
+        if _unchecked_hooks(self.head, st):
+            warnings.warn(_HOOKS_MESSAGE, stacklevel=2)
         hidden, weight, bias = _head_operands(self.head, x)
         n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         labels = self.labels.to(x.device)
@@ -364,10 +372,10 @@ class _FusedHead:
                 f"labels give {labels.numel()} targets for {n_rows} positions of hidden states "
                 f"(shape {tuple(x.shape[:-1])} after logits_to_keep)"
             )
-        if st.scale is not None:
+        if self.scale is not None:
             # softcap(s * (h W^T + b)) == softcap((s h) W^T + s b): the scale folds into hidden.
-            hidden = hidden * st.scale
-            bias = None if bias is None else bias * st.scale
+            hidden = hidden * self.scale
+            bias = None if bias is None else bias * self.scale
         impl = _IMPLS[st.impl][0]
         if st.return_logits and _is_fsdp_unit(self.head):
             if impl in RECOMPUTE_IMPLS:
@@ -387,7 +395,7 @@ class _FusedHead:
             beta=st.beta,
             ignore_index=st.ignore_index,
             num_items_in_batch=self.num_items_in_batch,
-            softcap=st.softcap,
+            softcap=self.softcap,
             chunk_size=st.chunk_size,
             accum_dtype=st.accum_dtype,
             impl=impl,
@@ -402,6 +410,29 @@ class _FusedHead:
         # (which reads the weight again with impl="fused" or "vocab_chunked").
         self.anchor = x.new_zeros((*x.shape[:-1], 0)) * self.loss.to(x.dtype)
         return self.anchor
+
+
+_HOOKS_MESSAGE = (
+    "lm_head has forward hooks that apply_tofu_kernel has not checked: the fused TOFU loss is "
+    "computed from lm_head's input, so a hook that changes the logits does not change it (nor do "
+    "lm_head's backward hooks run); apply_tofu_kernel(model) again checks them"
+)
+
+
+def _unchecked_hooks(head: nn.Module, state: _TOFUState) -> bool:
+    """Forward hooks on lm_head added since the patch checked it, other than torch.distributed's
+    (FSDP2) and accelerate's, which move parameters and leave the logits alone."""
+    head_id, checked = state.head_hooks
+    for key, hook in head._forward_hooks.items():
+        if head_id == id(head) and key in checked:
+            continue
+        fn = getattr(hook, "func", hook)  # a functools.partial
+        owner = type(fn.__self__) if hasattr(fn, "__self__") else fn
+        if not (getattr(owner, "__module__", None) or "").startswith(
+            ("torch.distributed", "accelerate")
+        ):
+            return True
+    return False
 
 
 def _aux_loss(model: nn.Module, out: Mapping[str, Any], loss: torch.Tensor) -> torch.Tensor:
@@ -493,7 +524,7 @@ def _forward_with_labels(
 
     if model.training and torch.is_grad_enabled():  # a training forward: no logits
         head = model.get_output_embeddings()
-        fused = _FusedHead(head, state, targets, num_items)
+        fused = _FusedHead(model, head, state, targets, num_items)
         with _swapped_forward(head, fused) as real_forward:
             fused.real_forward = real_forward
             out = original(*call_args, **call_kwargs)
@@ -538,8 +569,9 @@ _TRL_MESSAGE = (
     "head: TRL's SFTTrainer (>= 1.0) adds a fused cross-entropy head and takes its loss from "
     "per-token log-probabilities, so it would train with cross-entropy, not TOFU. Use "
     "tofu_kernels.hf.TOFUSFTTrainer instead of trl.SFTTrainer (same arguments), or pass "
-    "compute_loss_func=tofu_kernels.tofu_loss_func() to an unpatched model. (A backbone call on "
-    "purpose, for features: under torch.no_grad() or in eval mode, or revert_tofu_kernel first.)"
+    "compute_loss_func=tofu_kernels.tofu_loss_func() to an unpatched model. Trainers with losses "
+    "of their own (DPO, KTO, GRPO, ...) need no patch: revert_tofu_kernel(model) first. (A "
+    "backbone call on purpose, for features: under torch.no_grad() or in eval mode.)"
 )
 
 
@@ -801,13 +833,17 @@ def apply_tofu_kernel(
         "return_logits": bool(return_logits),
         "softcap": None if softcap is None else float(softcap),
         "scale": None if scale is None else float(scale),
+        "spec": spec,
     }
+    head = lm.get_output_embeddings()
     state: _TOFUState | None = vars(lm).get(_STATE)
     if state is not None:
-        # Patched before (perhaps reverted under a foreign wrapper): new options, same patch.
-        vars(state).update(options)
+        # Patched before (perhaps reverted under a foreign wrapper): new options, same patch,
+        # once they pass the check (a refused call leaves the earlier ones).
         if verify:
-            _verify(lm, _original_forward(lm, state), state)
+            _verify(lm, _original_forward(lm, state), _TOFUState(**options))
+        vars(state).update(options)
+        state.head_hooks = (id(head), frozenset(head._forward_hooks))
         state.active = True
         return model
 
@@ -817,6 +853,7 @@ def apply_tofu_kernel(
     if verify:
         _verify(lm, _original_forward(lm, state), state)
 
+    state.head_hooks = (id(head), frozenset(head._forward_hooks))
     state.patched = _PatchedForward(lm)
     setattr(lm, _STATE, state)
     lm.forward = state.patched
