@@ -89,3 +89,41 @@ def test_gamma_and_beta_stay_full_precision_in_compiled_graphs(device):
         leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
         torch.compile(step, fullgraph=True, backend=backend)(*leaves).backward()
         assert calls and all(c == [3.0, 0.8] for c in calls), calls
+
+
+def test_dynamic_shapes_compile_fullgraph(device):
+    """torch.compile(dynamic=True) makes every Python float symbolic: the options' checks must
+    trace (math.isfinite did not), and one graph serves every token count."""
+    torch._dynamo.reset()
+    x, w, _, _ = make_inputs((31,), 16, 53, torch.float32, device)
+    y = random_labels((31,), 53, device, ignored=0.3)
+
+    def step(x, w, y):
+        return fused_linear_tofu_loss(x, w, y, impl="torch") + tofu_loss(x @ w.T, y, gamma=2.5)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (6, 10, 31):
+        assert rel_err(compiled(x[:n], w, y[:n]), step(x[:n], w, y[:n])) < 1e-6
+
+
+# Each op's fake against the op itself (torch.library.opcheck: shapes, dtypes, strides and
+# aliasing): a transposed weight and hidden, whose gradients the ops make contiguous (the fakes
+# copied the inputs' strides: inductor asserted them and failed), and a frozen weight without
+# bias (the fakes returned one empty tensor for two outputs).
+@pytest.mark.parametrize("needs", [[True, True, True], [True, False, False]])
+def test_fakes_match_the_ops(device, needs):
+    from torch.library import opcheck
+
+    ops = torch.ops.tofu_kernels
+    x = torch.randn(8, 6, device=device).T  # (6, 8), transposed
+    w = torch.randn(8, 37, device=device).T  # (37, 8), transposed
+    b = torch.randn(37, device=device) if needs[2] else None
+    y = random_labels((6,), 37, device, ignored=0.3)
+    scale = torch.rand(1, device=device)
+    for drop in (False, True):
+        args = (x, w, y, b, scale, 3.0, 0.8, -100, None, "torch", 4, torch.float32, drop, needs)
+        opcheck(ops.linear_tofu_chunked, args)
+    xc, wc = x.contiguous(), w.contiguous()  # the fused ops' callers make rows contiguous
+    _, _, rowterms = ops.fused_tofu_fwd(xc, wc, y, b, 3.0, 0.8, -100, None, "fused", None)
+    args = (xc, wc, y, b, rowterms, scale, 3.0, 0.8, -100, None, needs, None, True, "fused")
+    opcheck(ops.fused_tofu_bwd, (*args, None, False))

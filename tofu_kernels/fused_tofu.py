@@ -812,12 +812,11 @@ def fused_bwd_op(
 @fused_bwd_op.register_fake
 def _(hidden, weight, labels, bias, rowterms, grad_scale, gamma, beta, ignore_index, softcap,
       needs, filter_eps, accum_fp32, impl, chunk_size, gx_fp32):  # fmt: skip
-    empty = hidden.new_empty(0)
     gx_dtype = torch.float32 if gx_fp32 else hidden.dtype
-    return (
-        torch.empty_like(hidden, dtype=gx_dtype) if needs[0] else empty,
-        torch.empty_like(weight) if needs[1] else empty,
-        torch.empty_like(bias) if needs[2] and bias is not None else empty,
+    return (  # contiguous, as the op makes them; a fresh empty tensor for each not needed
+        hidden.new_empty(hidden.shape, dtype=gx_dtype) if needs[0] else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if needs[1] else hidden.new_empty(0),
+        bias.new_empty(bias.shape) if needs[2] and bias is not None else hidden.new_empty(0),
     )
 
 

@@ -176,7 +176,7 @@ def linear_tofu_fwd(
         grad_scale = norm.reciprocal()
     # an fp16 accumulator takes each chunk's sum times ~1/rows: at ~1 per row it would overflow
     alpha = rows_gain(m, acc_dtype)
-    g_hidden = torch.empty_like(hidden) if need_grad_hidden else None
+    g_hidden = hidden.new_empty(hidden.shape) if need_grad_hidden else None  # contiguous
     g_weight = (
         torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_grad_weight else None
     )
@@ -277,13 +277,14 @@ def _(hidden, weight, labels, bias, grad_scale, gamma, beta, ignore_index, softc
       chunk_size, accum_dtype, drop_ignored, needs):  # fmt: skip
     n = hidden.shape[0]
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    empty = hidden.new_empty(0)
+    # contiguous, as the op makes them (empty_like would copy a transposed input's strides,
+    # and inductor asserts the fake's); a fresh empty tensor for each gradient not needed
     return (
         hidden.new_empty(n, dtype=dtype),
         hidden.new_empty(4, n, dtype=dtype),
-        torch.empty_like(hidden) if needs[0] else empty,
-        torch.empty_like(weight) if needs[1] else empty,
-        torch.empty_like(bias) if needs[2] and bias is not None else empty,
+        hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if needs[1] else hidden.new_empty(0),
+        bias.new_empty(bias.shape) if needs[2] and bias is not None else hidden.new_empty(0),
         hidden.new_empty(3, dtype=dtype),
     )
 

@@ -40,7 +40,7 @@ class TOFUParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-            if not math.isfinite(value):
+            if not _finite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
             if value < lower or (strict and value == lower):
                 op = ">" if strict else ">="
@@ -56,13 +56,19 @@ class TOFUParams:
         if self.softcap is not None:
             if isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)):
                 raise TypeError(f"softcap must be a real number or None, got {self.softcap!r}")
-            if not (math.isfinite(self.softcap) and self.softcap > 0):
+            if not (_finite(self.softcap) and self.softcap > 0):
                 raise ValueError(f"softcap must be a finite number > 0, got {self.softcap}")
             _check_fp32("softcap", self.softcap, inverse=True)
             object.__setattr__(self, "softcap", float(self.softcap))
 
 
 _FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _finite(value: float) -> bool:
+    """``math.isfinite`` by comparisons (NaN fails both): dynamo cannot trace ``math.isfinite``
+    on the symbolic floats that ``torch.compile(dynamic=True)`` makes of every float."""
+    return -math.inf < value < math.inf
 
 
 def _check_fp32(name: str, value: float, inverse: bool) -> None:
