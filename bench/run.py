@@ -408,6 +408,20 @@ def environment() -> dict:
     }
 
 
+def case_fields(case: Case) -> dict:
+    """A row's description of its case."""
+    return {
+        "case": case.name,
+        "tokens": case.tokens,
+        "hidden": case.hidden,
+        "vocab": case.vocab,
+        "dtype": case.dtype,
+        "mode": case.mode,
+        "weight_grad": case.weight_grad,
+        "ignored": case.ignored,
+    }
+
+
 def run(preset: Preset, providers: list[Provider], budget_s: float | None, out: Path) -> list[dict]:
     """Every case, every provider; results.json is rewritten after each row (a killed run
     keeps what it measured)."""
@@ -415,17 +429,7 @@ def run(preset: Preset, providers: list[Provider], budget_s: float | None, out: 
     deadline = time.monotonic() + budget_s if budget_s else math.inf
     rows = []
     for case in preset.cases:
-        base = {
-            "case": case.name,
-            "tokens": case.tokens,
-            "hidden": case.hidden,
-            "vocab": case.vocab,
-            "dtype": case.dtype,
-            "mode": case.mode,
-            "weight_grad": case.weight_grad,
-            "ignored": case.ignored,
-            **env,
-        }
+        base = {**case_fields(case), **env}
         inputs, refs, input_error = None, None, None
         started = time.monotonic()
         headline = (case.name, case.tokens) == preset.headline
@@ -508,14 +512,7 @@ def cut_short_rows(rows: list[dict], preset: Preset) -> list[dict]:
             {
                 "provider": provider,
                 "loss": loss,
-                "case": case.name,
-                "tokens": case.tokens,
-                "hidden": case.hidden,
-                "vocab": case.vocab,
-                "dtype": case.dtype,
-                "mode": case.mode,
-                "weight_grad": case.weight_grad,
-                "ignored": case.ignored,
+                **case_fields(case),
                 "status": "unavailable",
                 "note": "the run was cut short before this row",
                 **env,
