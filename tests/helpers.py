@@ -37,7 +37,7 @@ def row_factors(grad_output, labels, ignore_index, reduction, num_items_in_batch
     factor = grad_output.double().expand(y.shape[0])
     if reduction == "mean":
         denom = num_items_in_batch if num_items_in_batch is not None else (y != ignore_index).sum()
-        factor = factor / max(float(denom), 1.0)
+        factor = factor / (float(denom) or 1.0)  # no valid token: zero gradients
     return factor
 
 
@@ -169,6 +169,23 @@ def shared_direction_head(rows, vocab, hidden, dtype, device, common=1.0):
     direction = common * torch.randn(1, hidden, device=device)
     w = (torch.randn(vocab, hidden, device=device) * 0.1 + direction).to(dtype)
     return x, w
+
+
+def tied_head(pairs, hidden, vocab, dtype, device):
+    """``(hidden_states, weight, labels)`` whose row t's logits tie at the row's max (10, exact
+    in every dtype) on the columns ``pairs[t] = (target, twin)`` and stay within 0.1 of 0
+    elsewhere: argmax, the first of tied maxima, is the target only where ``target < twin``.
+    No column may appear in two pairs."""
+    n = len(pairs)
+    assert len({c for pair in pairs for c in pair}) == 2 * n, "a column in two pairs"
+    x = torch.zeros(n, hidden, device=device)
+    x[range(n), range(n)] = 10.0  # needs hidden >= n
+    w = torch.randn(vocab, hidden, device=device) * 0.01
+    for t, pair in enumerate(pairs):
+        w[list(pair)] = 0.0
+        w[list(pair), t] = 1.0
+    y = torch.tensor([target for target, _ in pairs], device=device)
+    return x.to(dtype), w.to(dtype), y
 
 
 def make_inputs(shape, hidden, vocab, dtype, device, *, bias=False, ignored=0.3):

@@ -86,3 +86,42 @@ def test_ignore_index_label_is_not_out_of_range():
     assert torch.isfinite(tofu_loss(logits, labels))
     labels[0] = 11  # a custom ignore_index outside [0, V) is fine too
     assert torch.isfinite(tofu_loss(logits, labels, ignore_index=11))
+
+
+def test_numpy_scalars_are_numbers():
+    """NumPy scalars (a config read with NumPy, a count from ``np.sum``) act as the Python
+    numbers of the same value; a float ignore_index is still refused."""
+    np = pytest.importorskip("numpy")
+    logits, labels = _inputs()
+    labels[0] = 5
+    python = dict(gamma=2.0, beta=0.5, softcap=4.0, ignore_index=5, num_items_in_batch=3)
+    numpy = dict(
+        gamma=np.float32(2.0),
+        beta=np.float64(0.5),
+        softcap=np.float16(4.0),
+        ignore_index=np.int64(5),
+        num_items_in_batch=np.int32(3),
+    )
+    expected = tofu_loss(logits, labels, **python)
+    torch.testing.assert_close(tofu_loss(logits, labels, **numpy), expected, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="ignore_index"):
+        tofu_loss(logits, labels, ignore_index=np.float64(5.0))
+
+
+def test_other_libraries_layouts_get_advice():
+    """torch's (N, C, T) logits and Liger's (weight, input, target) order fail on the labels'
+    shape; the error says what the shapes look like and how to pass them."""
+    from tofu_kernels import fused_linear_tofu_loss
+
+    logits, labels = torch.randn(2, 11, 5), torch.randint(0, 11, (2, 5))
+    with pytest.raises(ValueError, match=r"\(N, C, d1, \.\.\.\) layout.*movedim\(1, -1\)"):
+        tofu_loss(logits, labels)
+    torch.testing.assert_close(  # the advice is right
+        tofu_loss(logits.movedim(1, -1), labels, gamma=0.0, beta=1.0),
+        torch.nn.functional.cross_entropy(logits, labels),
+    )
+    hidden, weight, labels = torch.randn(6, 4), torch.randn(11, 4), torch.randint(0, 11, (6,))
+    with pytest.raises(ValueError, match=r"look swapped.*\(hidden, weight, labels\)"):
+        fused_linear_tofu_loss(weight, hidden, labels)
+    with pytest.raises(ValueError, match=r"labels must have shape \(6,\), got \(7,\)$"):
+        fused_linear_tofu_loss(hidden, weight, labels[:1].expand(7))  # no advice that misleads

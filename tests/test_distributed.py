@@ -63,6 +63,7 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         _half_precision_shards(rank, world)
         _heads_sharded_alike_on_one_rank(rank, world)
         _auto_under_deterministic_algorithms(rank, world)
+        _tied_maxima_across_shards(rank, world)
         dist.barrier()  # both ranks done before either tears gloo down (an abort at exit else)
     finally:
         dist.destroy_process_group()
@@ -167,6 +168,23 @@ def _auto_under_deterministic_algorithms(rank: int, world: int) -> None:
         del function.apply
         torch.use_deterministic_algorithms(False)
     assert picked == ["vocab_chunked", "fused"], picked
+
+
+def _tied_maxima_across_shards(rank: int, world: int) -> None:
+    """accuracy as argmax, the first of tied maxima: a target tied with a column of an earlier
+    shard is wrong, with a later shard's right (shards split 301 columns at 151, or 101 and 201)."""
+    from helpers import tied_head
+    from tofu_kernels import fused_linear_tofu_loss
+
+    pairs = [(3, 7), (250, 260), (0, 300), (100, 130), (20, 10), (270, 240), (299, 1)]
+    x, w, y = tied_head(pairs, 16, 301, torch.float32, "cpu")
+    shard = torch.tensor_split(w, world)[rank]
+    for impl in ("fused", "vocab_chunked"):
+        _, stats = fused_linear_tofu_loss(
+            x, shard, y, impl=impl, chunk_size=64, return_stats=True,
+            process_group=dist.group.WORLD,
+        )  # fmt: skip
+        assert stats.accuracy.item() == pytest.approx(4 / 7, abs=1e-6), (rank, impl)
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -29,6 +29,7 @@ from helpers import (
     rel_err,
     returns_of,
     shared_direction_head,
+    tied_head,
 )
 from tofu_kernels import FusedLinearTOFULoss, fused_linear_tofu_loss, tofu_loss
 from tofu_kernels import fused_tofu as fused_mod
@@ -180,6 +181,8 @@ def test_oracle_num_items_in_batch_3d_noncontiguous(device, impl):
     run_and_compare(x, w, None, y, num_items_in_batch=40, chunk_size=4, impl=impl)
     x.grad = w.grad = None
     run_and_compare(x, w, None, y, num_items_in_batch=torch.tensor(9), impl=impl)
+    x.grad = w.grad = None  # a fraction (Trainer under context parallelism) is divided by too
+    run_and_compare(x, w, None, y, num_items_in_batch=torch.tensor(0.5), impl=impl)
 
 
 @pytest.mark.parametrize("impl", [*KERNEL_IMPLS, "torch"])
@@ -280,6 +283,21 @@ def test_stats_match_materialized_logits(device, impl):
     _, ref = tofu_loss(x @ w.T, y, impl="torch", return_stats=True)
     for name, value in ref.as_dict().items():
         assert abs(getattr(stats, name).item() - value) <= 1e-5 * max(1.0, abs(value)), name
+
+
+# (target, twin) logits tied at the max: argmax == label only where the target comes first (4 of
+# 7), within a vocabulary_chunked chunk (64 columns) or fused split (256), and across them.
+TIED_PAIRS = [(3, 7), (250, 260), (0, 300), (100, 130), (20, 10), (270, 240), (299, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", [*KERNEL_IMPLS, "torch"])
+def test_accuracy_takes_the_first_of_tied_maxima(device, impl, dtype):
+    """As argmax (and TRL's mean_token_accuracy): a target tied with an earlier column is wrong."""
+    x, w, y = tied_head(TIED_PAIRS, 16, 301, dtype, device)
+    _, stats = fused_linear_tofu_loss(x, w, y, impl=impl, chunk_size=64, return_stats=True)
+    assert (x.float() @ w.float().T).argmax(1).eq(y).sum() == 4
+    assert stats.accuracy.item() == pytest.approx(4 / 7, abs=1e-6)
 
 
 @pytest.mark.parametrize("impl", ["chunked", "torch"])

@@ -13,7 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import GRAD_RTOL, LOSS_RTOL, assert_close, oracle, random_labels, random_logits
+from helpers import (
+    GRAD_RTOL,
+    LOSS_RTOL,
+    assert_close,
+    oracle,
+    random_labels,
+    random_logits,
+    tied_head,
+)
 from tofu_kernels import TOFULoss, tofu_loss
 from tofu_kernels import tofu as tofu_mod
 from tofu_kernels.reference import tofu_loss_published, tofu_rows
@@ -135,10 +143,13 @@ def test_loss_beyond_fp32_is_inf_not_nan(device, impl):
     assert_close(logits.grad, ref_grad, GRAD_RTOL[torch.float32], "grad")
 
 
-@pytest.mark.parametrize("num_items", [1, 7, "tensor"])
+# a fraction, as Hugging Face's Trainer passes under context parallelism: divided by, not by 1
+@pytest.mark.parametrize("num_items", [1, 7, 0.25, "tensor", "tensor fraction"])
 def test_oracle_num_items_in_batch(device, num_items):
     if num_items == "tensor":
         num_items = torch.tensor(13, device=device)
+    elif num_items == "tensor fraction":
+        num_items = torch.tensor(0.5, device=device)
     check(device, num_items_in_batch=num_items)
 
 
@@ -277,6 +288,16 @@ def test_stats_against_materialized_logits(device, vocab):
         "accuracy",
         "n_tokens",
     }
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_accuracy_takes_the_first_of_tied_maxima(device, impl):
+    """As argmax: a target tied at the max with an earlier column is wrong, with a later one
+    right; in one tile and across tiles (3 of 5 right)."""
+    pairs = [(5, 9), (3, TILE + 1), (0, TILE + 2), (12, 7), (TILE, 4)]
+    x, w, y = tied_head(pairs, 8, TILE + 3, torch.float32, device)
+    _, stats = tofu_loss(x @ w.T, y, impl=impl, return_stats=True)
+    assert stats.accuracy.item() == pytest.approx(3 / 5, abs=1e-6)
 
 
 def test_large_offsets_int64(device):

@@ -113,6 +113,9 @@ TUNE_BWD_TMA = [{**_HOPPER_BWD, "TMA_REDUCE": True}]
 # Forward vocabulary splits are whole multiples of this many columns, so that the split layout
 # (and the partials buffer) does not depend on the config's BLOCK_V.
 SPLIT_ALIGN = 256
+# Rows of the per-row partials of each vocabulary split: max, sum, target-excluded sums at 1 and
+# beta, entropy sum, target logit, max left of the target (-inf where none).
+N_PARTIALS = 7
 ROW_ALIGN = 256  # likewise for the backward's grad_hidden token slabs and BLOCK_N
 # grad_hidden sums V / BLOCK_V tile products per element: in bf16 that is ~0.1 off at the Llama
 # head (bench/accum_precision.py), so it sums in fp32, in token slabs of this many elements.
@@ -182,7 +185,7 @@ def _logits_tile(
 
 @triton.jit
 def _fused_fwd_kernel(
-    # pointers: hidden (N, H), weight (V, H), bias (V,), labels (N,); partials (6, SPLITS, N)
+    # pointers: hidden (N, H), weight (V, H), bias (V,), labels (N,); partials (7, SPLITS, N)
     x_ptr, w_ptr, b_ptr, labels_ptr, part_ptr,
     # sizes and strides (elements; unit stride along H); the vocabulary splits
     N, V, H, stride_xn, stride_wv, n_splits, cols_per_split,
@@ -205,8 +208,8 @@ def _fused_fwd_kernel(
     s1x = tl.zeros((BLOCK_N,), tl.float32)
     sbx = tl.zeros((BLOCK_N,), tl.float32)
     sz = tl.zeros((BLOCK_N,), tl.float32)
-    zy = tl.zeros((BLOCK_N,), tl.float32)
-    found = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+    m_before = tl.full((BLOCK_N,), -float("inf"), tl.float32)
     tiles_per_split = cols_per_split // BLOCK_V
     t_start = split * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(V, BLOCK_V))
@@ -219,10 +222,10 @@ def _fused_fwd_kernel(
                 stride_wv, HAS_BIAS, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_K,
             )  # fmt: skip
             z = _cap(z, softcap, HAS_SOFTCAP)
-            m, s1, s1x, sbx, sz, zy, found = online_update(
-                z, cols, col_mask, y, inv_beta, m, s1, s1x, sbx, sz, zy, found
+            m, s1, s1x, sbx, sz, zy, m_before = online_update(
+                z, cols, col_mask, y, inv_beta, m, s1, s1x, sbx, sz, zy, m_before
             )
-    store_partials(part_ptr, split, n_splits, N, rows, row_mask, m, s1, s1x, sbx, sz, zy, found)
+    store_partials(part_ptr, split, n_splits, N, rows, row_mask, m, s1, s1x, sbx, sz, zy, m_before)
 
 
 @triton.jit
@@ -237,11 +240,12 @@ def grouped_pid(pid, n_row_blocks, n_cols, GROUP_N: tl.constexpr):
 
 
 @triton.jit
-def online_update(z, cols, col_mask, y, inv_beta, m, s1, s1x, sbx, sz, zy, found):
+def online_update(z, cols, col_mask, y, inv_beta, m, s1, s1x, sbx, sz, zy, m_before):
     """Fold an fp32 (rows, BLOCK_V) logits tile (softcapped; columns ``cols``, in range where
     ``col_mask``) into each row's running max ``m`` and the sums relative to it: ``s1`` of
     exp(z - m), ``s1x``/``sbx`` of exp(z - m) and exp((z - m) / beta) without the target,
-    ``sz`` of (z - m) exp(z - m); ``zy`` the target logit where ``found``."""
+    ``sz`` of (z - m) exp(z - m); ``zy`` the target logit and ``m_before`` the max of the
+    columns left of it (argmax takes the first of tied maxima), -inf until seen."""
     z = tl.where(col_mask[None, :], z, -float("inf"))
     m_new = tl.maximum(m, tl.max(z, axis=1))
     # the sums are relative to m_new, or to 0 while every logit so far is -inf (logits that
@@ -259,9 +263,10 @@ def online_update(z, cols, col_mask, y, inv_beta, m, s1, s1x, sbx, sz, zy, found
     s1 = alpha * s1 + tl.sum(e1, axis=1)
     s1x = alpha * s1x + tl.sum(tl.where(is_y, 0.0, e1), axis=1)
     sbx = tl.exp((m - m_ref) * inv_beta) * sbx + tl.sum(tl.where(is_y, 0.0, eb), axis=1)
-    zy += tl.sum(tl.where(is_y, z, 0.0), axis=1)
-    found += tl.sum(is_y.to(tl.float32), axis=1)
-    return m_new, s1, s1x, sbx, sz, zy, found
+    zy = tl.maximum(zy, tl.max(tl.where(is_y, z, -float("inf")), axis=1))
+    left = cols[None, :] < y[:, None]
+    m_before = tl.maximum(m_before, tl.max(tl.where(left, z, -float("inf")), axis=1))
+    return m_new, s1, s1x, sbx, sz, zy, m_before
 
 
 @triton.jit
@@ -279,8 +284,8 @@ def tofu_dz(z, cols, y, m, coef, target, inv_beta, softcap, HAS_SOFTCAP: tl.cons
 
 
 @triton.jit
-def store_partials(part_ptr, split, n_splits, N, rows, row_mask, m, s1, s1x, sbx, sz, zy, found):
-    """Write a block of rows' running terms as vocabulary split ``split`` of (6, SPLITS, N)."""
+def store_partials(part_ptr, split, n_splits, N, rows, row_mask, m, s1, s1x, sbx, sz, zy, m_before):
+    """Write a block of rows' running terms as vocabulary split ``split`` of (7, SPLITS, N)."""
     part = part_ptr + split * N + rows
     stride_part = n_splits * N
     tl.store(part, m, mask=row_mask)
@@ -288,12 +293,13 @@ def store_partials(part_ptr, split, n_splits, N, rows, row_mask, m, s1, s1x, sbx
     tl.store(part + 2 * stride_part, s1x, mask=row_mask)
     tl.store(part + 3 * stride_part, sbx, mask=row_mask)
     tl.store(part + 4 * stride_part, sz, mask=row_mask)
-    tl.store(part + 5 * stride_part, tl.where(found > 0, zy, -float("inf")), mask=row_mask)
+    tl.store(part + 5 * stride_part, zy, mask=row_mask)
+    tl.store(part + 6 * stride_part, m_before, mask=row_mask)
 
 
 @triton.jit
 def _fused_merge_kernel(
-    # pointers: partials (6, SPLITS, N) in; per-row loss (N,), stats (4, N), bwd terms (4, N) out
+    # pointers: partials (7, SPLITS, N) in; per-row loss (N,), stats (4, N), bwd terms (4, N) out
     part_ptr, labels_ptr, loss_ptr, stats_ptr, rowterm_ptr,
     # sizes
     N, V, n_splits,
@@ -317,6 +323,7 @@ def _fused_merge_kernel(
     sbx = tl.zeros((BLOCK_N,), tl.float32)
     sz = tl.zeros((BLOCK_N,), tl.float32)
     zy = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+    m_before = tl.full((BLOCK_N,), -float("inf"), tl.float32)
     for s in range(0, n_splits):
         p = part_ptr + s * N + rows
         m_s = tl.load(p, mask=row_mask, other=-float("inf"))
@@ -330,6 +337,9 @@ def _fused_merge_kernel(
         ab = tl.where(live, tl.exp((m_s - m) * inv_beta), 0.0)
         sbx += ab * tl.load(p + 3 * stride_part, mask=row_mask, other=0.0)
         zy = tl.maximum(zy, tl.load(p + 5 * stride_part, mask=row_mask, other=-float("inf")))
+        m_before = tl.maximum(
+            m_before, tl.load(p + 6 * stride_part, mask=row_mask, other=-float("inf"))
+        )
     # V < 0: not known on the host (vocabulary parallel); a label is in range there when some
     # shard found its target (zy finite, as it is for finite logits)
     in_range = (y >= 0) & tl.where(V < 0, zy > -float("inf"), y < V)
@@ -346,7 +356,8 @@ def _fused_merge_kernel(
     tl.store(stats_ptr + rows, tl.where(row_ok, p_y, zero), mask=row_mask)
     tl.store(stats_ptr + N + rows, tl.where(row_ok, g, zero), mask=row_mask)
     tl.store(stats_ptr + 2 * N + rows, tl.where(row_ok, entropy, zero), mask=row_mask)
-    tl.store(stats_ptr + 3 * N + rows, tl.where(row_ok & (zy_m >= 0), 1.0, zero), mask=row_mask)
+    correct = row_ok & (zy_m >= 0) & (m_before < zy)  # argmax == y (the first of tied maxima)
+    tl.store(stats_ptr + 3 * N + rows, tl.where(correct, 1.0, zero), mask=row_mask)
     # Backward terms: row max, g / sb, the target column -g * sbx / sb (no cancellation), g.
     g = tl.where(row_ok, g, zero)
     sb = sbx + tl.exp(zy_m * inv_beta)
@@ -553,8 +564,7 @@ def fused_tofu_partials(
     bias: torch.Tensor | None,
     params: TOFUParams,
 ) -> torch.Tensor:
-    """Per-row partial sums ``(6, SPLITS, N)`` (max, sum, target-excluded sums at 1 and beta,
-    entropy sum, target logit or -inf) over vocabulary splits of ``weight (V, H)``."""
+    """Per-row partials ``(7, SPLITS, N)`` over vocabulary splits of ``weight (V, H)``."""
     n, h = hidden.shape
     vocab = weight.shape[0]
     labels = labels.contiguous()  # the kernels read labels[row] densely
@@ -563,7 +573,7 @@ def fused_tofu_partials(
     splits = _n_splits(triton.cdiv(group_rows, FWD_CONFIG["BLOCK_N"]), units, hidden.device)
     cols_per_split = triton.cdiv(units, splits) * SPLIT_ALIGN
     splits = triton.cdiv(vocab, cols_per_split)  # no empty split
-    partials = torch.empty(6, splits, n, dtype=torch.float32, device=hidden.device)
+    partials = torch.empty(N_PARTIALS, splits, n, dtype=torch.float32, device=hidden.device)
     if n == 0:
         return partials
     kernel, cfg = _launcher(_fused_fwd_kernel, FWD_CONFIGS, TUNE_FWD, hidden)
@@ -581,7 +591,7 @@ def fused_tofu_partials(
 def fused_tofu_merge(
     partials: torch.Tensor, labels: torch.Tensor, vocab: int | None, params: TOFUParams
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Combine ``(6, S, N)`` partials into per-token fp32 losses ``(N,)``, stats ``(4, N)`` and
+    """Combine ``(7, S, N)`` partials into per-token fp32 losses ``(N,)``, stats ``(4, N)`` and
     the backward's per-row terms ``(4, N)``: row max, g / sb, target column, g. ``vocab`` None:
     not known on the host (vocabulary parallel); a label no partial holds is out of range."""
     if vocab is None:
@@ -602,8 +612,8 @@ def fused_tofu_merge(
 
 
 def collapse_splits(partials: torch.Tensor, beta: float) -> torch.Tensor:
-    """Merge ``(6, S, N)`` partials into ``(6, 1, N)`` with PyTorch (as the merge kernel does)."""
-    m_s, s1, s1x, sbx, sz, zy = partials.unbind(0)
+    """Merge ``(7, S, N)`` partials into ``(7, 1, N)`` with PyTorch (as the merge kernel does)."""
+    m_s, s1, s1x, sbx, sz, zy, m_before = partials.unbind(0)
     m = m_s.max(0).values
     live = m_s > -math.inf  # a split without columns for the row adds 0 (and no NaN)
     a = torch.where(live, torch.exp(m_s - m), 0.0)
@@ -615,6 +625,7 @@ def collapse_splits(partials: torch.Tensor, beta: float) -> torch.Tensor:
         (torch.where(live, torch.exp((m_s - m) / beta), 0.0) * sbx).sum(0),
         (a * (sz + shift)).sum(0),
         zy.max(0).values,
+        m_before.max(0).values,
     ]
     return torch.stack(merged).unsqueeze(1)
 
@@ -736,7 +747,7 @@ def recompute_partials(
     impl: str = "fused",
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """``(6, S, N)`` partials of a recompute-in-backward impl: the fused kernel, or
+    """``(7, S, N)`` partials of a recompute-in-backward impl: the fused kernel, or
     ``impl="vocab_chunked"``'s cuBLAS chunks (whose module imports this one)."""
     if impl == "vocab_chunked":
         from tofu_kernels.vocab_chunked import vocab_chunked_partials
@@ -879,6 +890,9 @@ def _vocab_parallel_fwd(x, w, y, bias, params: FusedParams):
         replace(params.tofu, ignore_index=LOCAL_IGNORE), params.impl, params.chunk_size,
     )  # fmt: skip
     mine = collapse_splits(partials, params.tofu.beta).contiguous()
+    # the max left of a target on a later shard is this whole shard's max
+    later = y >= params.vocab_offset + w.shape[0]
+    mine[6, 0] = torch.where(later, mine[0, 0], mine[6, 0])
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
     return fused_tofu_merge(torch.cat(gathered, dim=1), y, None, params.tofu)

@@ -521,7 +521,9 @@ def fused_linear_tofu_loss(
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, expected {hidden.device} (hidden's)")
-    labels = check_labels(labels, hidden.shape[:-1], hidden.device)
+    swapped = "hidden and weight look swapped: the order is (hidden, weight, labels) (Liger's "
+    swapped += "fused linear cross-entropy takes (weight, input, target))"
+    labels = check_labels(labels, hidden.shape[:-1], hidden.device, ((weight.shape[:1], swapped),))
     check_num_items(num_items_in_batch)
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1

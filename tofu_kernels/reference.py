@@ -30,7 +30,7 @@ def reduce_rows(
     if num_items_in_batch is None:
         num_items_in_batch = (labels != ignore_index).sum()
     denom = torch.as_tensor(num_items_in_batch, dtype=total.dtype, device=total.device)
-    return total / denom.clamp(min=1)
+    return total / torch.where(denom != 0, denom, 1)  # no valid token: 0, not NaN
 
 
 def tofu_loss_published(
@@ -99,9 +99,9 @@ def tofu_rows(
 
     Returns ``(loss_rows, stats, grad)``: per-token losses ``(N,)`` (0 at ignored tokens, NaN for
     labels outside ``[0, V)``), per-token statistics ``(4, N)`` (``p``, ``g``, the entropy of
-    ``softmax(z)``, and whether the target logit is the maximum; 0 at ignored tokens), and, when
-    ``compute_grad``, the unreduced gradient ``dloss_row / dlogits`` ``(N, V)``, with the focal term
-    held constant as the spec requires.
+    ``softmax(z)``, and whether the target is the argmax, the first of tied maxima; 0 at ignored
+    tokens), and, when ``compute_grad``, the unreduced gradient ``dloss_row / dlogits`` ``(N, V)``,
+    with the focal term held constant as the spec requires.
     """
     n, v = logits.shape
     a = logits
@@ -127,7 +127,7 @@ def tofu_rows(
     loss = g * (x.clamp(min=0) + beta * torch.log1p(torch.exp(-x.abs() / beta)))
     p = torch.exp(-F.softplus(ell))
     entropy = torch.log(s1) - torch.where(e1 > 0, e1 * zm, 0).sum(1) / s1  # not 0 * -inf
-    correct = (zy >= 0).to(z.dtype)
+    correct = (z.argmax(1) == y.squeeze(1)).to(z.dtype)  # the first of tied maxima, as argmax
 
     nan = torch.full_like(loss, float("nan"))
     zero = torch.zeros_like(loss)

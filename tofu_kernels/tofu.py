@@ -133,8 +133,10 @@ def _tofu_fwd_kernel(
     zero = tl.zeros_like(zy)
 
     # Pass 1: running max m (started at the finite z_y) and every sum relative to it: the full
-    # and target-excluded sums at temperatures 1 and beta, and sum_j e^(z_j-m) (z_j-m) for entropy.
+    # and target-excluded sums at temperatures 1 and beta, and sum_j e^(z_j-m) (z_j-m) for entropy;
+    # m_before, the max left of the target (argmax takes the first of tied maxima).
     m = zy
+    m_before = tl.full((), -float("inf"), tl.float32)
     s1 = zero
     s1x = zero
     sbx = zero
@@ -160,12 +162,13 @@ def _tofu_fwd_kernel(
             s1 = alpha * s1 + tl.sum(e1, axis=0)
             s1x = alpha * s1x + tl.sum(tl.where(not_y, e1, 0.0), axis=0)
             sbx = tl.exp((m - m_ref) * inv_beta) * sbx + tl.sum(tl.where(not_y, eb, 0.0), axis=0)
+            m_before = tl.maximum(m_before, tl.max(tl.where(offs < y, z, -float("inf")), axis=0))
             m = m_new
 
     zy_m = zy - m
     loss, g, p = tofu_row_terms(s1x, sbx, zy_m, gamma, beta)
     entropy = tl.log(s1) - sz / s1
-    correct = tl.where(zy_m >= 0, 1.0, 0.0)
+    correct = tl.where((zy_m >= 0) & (m_before < zy), 1.0, 0.0)  # argmax == y
     loss = tl.where(in_range, loss, float("nan"))  # an out-of-range label is loud, never silent
     tl.store(loss_ptr + row, tl.where(valid, loss, zero))
     tl.store(stats_ptr + row, tl.where(row_ok, p, zero))
@@ -438,7 +441,11 @@ def tofu_loss(
         raise ValueError(
             f"logits must have a non-empty vocabulary dimension, got {tuple(logits.shape)}"
         )
-    labels = check_labels(labels, logits.shape[:-1], logits.device)
+    # torch's cross_entropy takes (N, C, d1, ...) logits, classes in dim 1
+    channels_first = logits.shape[:1] + logits.shape[2:] if logits.ndim > 2 else None
+    advice = "logits look like torch's (N, C, d1, ...) layout; tofu_loss takes classes last: "
+    advice += "pass logits.movedim(1, -1)"
+    labels = check_labels(labels, logits.shape[:-1], logits.device, ((channels_first, advice),))
     check_num_items(num_items_in_batch)
     use_triton(impl, logits.device, logits.dtype)  # raises for a dtype the chosen impl cannot take
     check_label_range(labels, logits.shape[-1], ignore_index)

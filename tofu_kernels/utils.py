@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ class TOFUParams:
     impl: str = "auto"
 
     def __post_init__(self) -> None:
+        for name in ("gamma", "beta", "softcap", "ignore_index"):  # NumPy scalars, say
+            object.__setattr__(self, name, _builtin_number(getattr(self, name)))
         for name, lower, strict in (("gamma", 0.0, False), ("beta", 0.0, True)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -63,6 +66,18 @@ class TOFUParams:
 
 
 _FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _builtin_number(value: object) -> object:
+    """A real number that is not a Python one (``numpy.float32(3)``, ``numpy.int64(-100)``) as
+    the Python int or float of the same value; anything else unchanged, for the checks to judge."""
+    if isinstance(value, (int, float)) or isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def _finite(value: float) -> bool:
@@ -208,15 +223,23 @@ def check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...] | None = 
         raise TypeError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
 
 
-def check_labels(labels: object, expected_shape: torch.Size, device: torch.device) -> torch.Tensor:
+def check_labels(
+    labels: object,
+    expected_shape: torch.Size,
+    device: torch.device,
+    hints: tuple[tuple[torch.Size, str], ...] = (),
+) -> torch.Tensor:
     """``labels`` checked, and int8/int16/uint8 ones widened to int64: compared with an
-    ``ignore_index`` outside their range, torch wraps it (int8 24 == -1000 is True)."""
+    ``ignore_index`` outside their range, torch wraps it (int8 24 == -1000 is True). ``hints``:
+    (shape, advice) pairs; labels of a hint's shape get its advice in the error (a layout or
+    argument order from another library)."""
     check_tensor("labels", labels)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.shape != expected_shape:
+        advice = "".join(f"; {text}" for shape, text in hints if labels.shape == shape)
         raise ValueError(
-            f"labels must have shape {tuple(expected_shape)}, got {tuple(labels.shape)}"
+            f"labels must have shape {tuple(expected_shape)}, got {tuple(labels.shape)}{advice}"
         )
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device}, expected {device}")
@@ -255,6 +278,7 @@ def check_num_items(num_items_in_batch: object) -> None:
                 f"{tuple(num_items_in_batch.shape)}"
             )
         return
+    num_items_in_batch = _builtin_number(num_items_in_batch)
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
         raise TypeError(
             f"num_items_in_batch must be a number or a tensor, got {num_items_in_batch!r}"
@@ -272,7 +296,9 @@ def reduction_scale(
     """The device scalar (fp32, or ``dtype``) that turns a sum of per-token losses into the loss.
 
     None for "none" and "sum". For "mean", ``1 / num_items_in_batch``, or ``1 / n_valid``; the count
-    stays on the device (no host sync), clamped to 1 so that no valid token gives 0, not NaN.
+    stays on the device (no host sync). A divisor of 0 counts as 1, so that no valid token gives 0,
+    not NaN; any other is used as given (Hugging Face's Trainer may pass a fraction under context
+    or sequence parallelism).
     """
     if params.reduction != "mean":
         return None
@@ -282,7 +308,8 @@ def reduction_scale(
         denom = num_items_in_batch.reshape(())  # (1,) or (1, 1): the loss stays 0-dim
     else:  # a fill, not a host-to-device copy (which would synchronize)
         denom = torch.full((), float(num_items_in_batch), device=labels.device, dtype=dtype)
-    return 1.0 / denom.to(device=labels.device, dtype=dtype).clamp(min=1.0)
+    denom = denom.to(device=labels.device, dtype=dtype)
+    return 1.0 / torch.where(denom != 0, denom, 1.0)
 
 
 def reduce_loss(
@@ -330,10 +357,10 @@ def check_backward(ctx, op: str, *, consumes: bool) -> None:
 class TOFUStats:
     """Detached fp32 statistics over the valid tokens of one call (0-dim tensors, no host sync)."""
 
-    mean_p: torch.Tensor
-    mean_focal_weight: torch.Tensor
-    entropy: torch.Tensor
-    accuracy: torch.Tensor
+    mean_p: torch.Tensor  # the target's softmax probability
+    mean_focal_weight: torch.Tensor  # g
+    entropy: torch.Tensor  # of softmax(z), in nats
+    accuracy: torch.Tensor  # argmax(z) == label; the first of tied maxima, as torch.argmax
     n_tokens: torch.Tensor
 
     @classmethod

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from tofu_kernels.fused_tofu import (
+    N_PARTIALS,
     online_update,
     store_partials,
     tofu_dz,
@@ -69,7 +70,7 @@ FP32_SUM_ROWS = 512
 
 @triton.jit
 def _chunk_partials_kernel(
-    # pointers: the chunk's logits (N, C), labels (N,), partials (6, SPLITS, N)
+    # pointers: the chunk's logits (N, C), labels (N,), partials (7, SPLITS, N)
     z_ptr, labels_ptr, part_ptr,
     # sizes and strides: the chunk holds vocabulary columns [col0, col0 + C); it is split `split`
     N, C, col0, stride_zn, split, n_splits,
@@ -90,18 +91,18 @@ def _chunk_partials_kernel(
     s1x = tl.zeros((BLOCK_N,), tl.float32)
     sbx = tl.zeros((BLOCK_N,), tl.float32)
     sz = tl.zeros((BLOCK_N,), tl.float32)
-    zy = tl.zeros((BLOCK_N,), tl.float32)
-    found = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+    m_before = tl.full((BLOCK_N,), -float("inf"), tl.float32)
     if tl.max(valid.to(tl.int32), axis=0) > 0:  # rows that are all ignored read nothing
         for c in range(0, C, BLOCK_V):
             local = c + tl.arange(0, BLOCK_V)
             col_mask = local < C
             z = tl.load(z_rows + local[None, :], mask=row_mask[:, None] & col_mask[None, :])
             z = _cap(z.to(tl.float32), softcap, HAS_SOFTCAP)
-            m, s1, s1x, sbx, sz, zy, found = online_update(
-                z, col0 + local, col_mask, y, inv_beta, m, s1, s1x, sbx, sz, zy, found
+            m, s1, s1x, sbx, sz, zy, m_before = online_update(
+                z, col0 + local, col_mask, y, inv_beta, m, s1, s1x, sbx, sz, zy, m_before
             )
-    store_partials(part_ptr, split, n_splits, N, rows, row_mask, m, s1, s1x, sbx, sz, zy, found)
+    store_partials(part_ptr, split, n_splits, N, rows, row_mask, m, s1, s1x, sbx, sz, zy, m_before)
 
 
 @triton.jit
@@ -178,14 +179,14 @@ def vocab_chunked_partials(
     params: TOFUParams,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Per-row partial sums ``(6, S, N)`` over the ``S`` vocabulary chunks of ``weight (V, H)``
+    """Per-row partial sums ``(7, S, N)`` over the ``S`` vocabulary chunks of ``weight (V, H)``
     (the format of :func:`tofu_kernels.fused_tofu.fused_tofu_partials`)."""
     n, h = hidden.shape
     vocab = weight.shape[0]
     labels = labels.contiguous()
     chunk = chunk_size or default_vocab_chunk(h, vocab)
     splits = triton.cdiv(vocab, chunk)
-    partials = torch.empty(6, splits, n, dtype=torch.float32, device=hidden.device)
+    partials = torch.empty(N_PARTIALS, splits, n, dtype=torch.float32, device=hidden.device)
     if n == 0:
         return partials
     cfg = PARTIALS_CONFIG
