@@ -55,6 +55,7 @@ def kernel_specs():
                     "grad_ptr": logits_ty,
                     "grad_scale_ptr": "*fp32",
                     "err_ptr": "*fp32",
+                    "row_norm_ptr": "*fp32",
                     "stride_logits": "i64",
                     "stride_grad": "i64",
                     "stride_stats": "i32",
@@ -68,6 +69,8 @@ def kernel_specs():
                     "COMPUTE_GRAD": "constexpr",
                     "HAS_GRAD_SCALE": "constexpr",
                     "HAS_ERR": "constexpr",
+                    "HAS_ROW_NORM": "constexpr",
+                    "LOG2_ROOM": "constexpr",
                     "BLOCK_V": "constexpr",
                 }
                 constexprs = {
@@ -75,6 +78,9 @@ def kernel_specs():
                     "COMPUTE_GRAD": grad,
                     "HAS_GRAD_SCALE": grad,
                     "HAS_ERR": grad and logits_ty != "*fp32",
+                    # tofu_loss on fp16 logits: rows over their own powers of two
+                    "HAS_ROW_NORM": grad and logits_ty == "*fp16",
+                    "LOG2_ROOM": 8.0 if logits_ty == "*fp16" else 0.0,
                     "BLOCK_V": 4096,
                 }
                 name = f"tofu_fwd[{logits_ty} softcap={softcap} grad={grad}]"

@@ -125,3 +125,18 @@ def test_other_libraries_layouts_get_advice():
         fused_linear_tofu_loss(weight, hidden, labels)
     with pytest.raises(ValueError, match=r"labels must have shape \(6,\), got \(7,\)$"):
         fused_linear_tofu_loss(hidden, weight, labels[:1].expand(7))  # no advice that misleads
+
+
+def test_triton_impls_on_cpu_need_the_interpreter(monkeypatch):
+    """Without TRITON_INTERPRET, a Triton impl on CPU tensors is a clear error (Triton's own
+    was "0 active drivers"), and auto runs PyTorch there."""
+    from tofu_kernels import fused_linear_tofu_loss
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    logits, labels = _inputs()
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        tofu_loss(logits, labels, impl="triton")
+    assert torch.isfinite(tofu_loss(logits, labels))
+    for impl in ("chunked", "vocab_chunked", "fused"):
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            fused_linear_tofu_loss(torch.randn(4, 3), torch.randn(11, 3), labels, impl=impl)

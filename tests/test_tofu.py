@@ -300,6 +300,28 @@ def test_accuracy_takes_the_first_of_tied_maxima(device, impl):
     assert stats.accuracy.item() == pytest.approx(3 / 5, abs=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_fp16_confident_rows_under_loss_scaling(device, impl, reduction):
+    """fp16 logits, every row confident (the target 10 above the rest) and a GradScaler-sized
+    upstream gradient: at the loss's own scale the gradient peaks near 4e-7, in fp16's
+    subnormals (it was stored so: 8% off once scaled, 100% at 11 above); each row is formed over
+    its own power of two and rounded once in backward, as autograd's would be."""
+    torch.manual_seed(7)
+    logits = torch.randn(6, 301, device=device) * 0.5
+    labels = torch.randint(0, 301, (6,), device=device)
+    logits[range(6), labels] += 10.0
+    logits = logits.half().requires_grad_(True)
+    loss = tofu_loss(logits, labels, reduction=reduction, impl=impl)
+    grad_output = (torch.rand_like(loss) + 0.5) * 2.0**16
+    loss.backward(grad_output)
+    kwargs = dict(gamma=3.0, beta=0.8, reduction=reduction)
+    _, ref = oracle(logits, labels, grad_output=grad_output, **kwargs)
+    _, own_scale = oracle(logits, labels, grad_output=torch.ones_like(loss), **kwargs)
+    assert own_scale.abs().max() < 2.0**-14  # fp16's subnormals, or less
+    assert_close(logits.grad, ref, GRAD_RTOL[torch.float16], "grad")
+
+
 def test_large_offsets_int64(device):
     """Rows 2^31 elements apart: a 32-bit offset would wrap and read (and write) the wrong place.
 

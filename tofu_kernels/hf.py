@@ -5,6 +5,7 @@
     from tofu_kernels import apply_tofu_kernel
 
     apply_tofu_kernel(model, gamma=3.0, beta=0.8)   # a loaded *ForCausalLM (or its PEFT wrapper)
+    model.train()                                   # from_pretrained returns it in eval mode
     loss = model(input_ids=ids, labels=ids).loss    # TOFU from the final hidden states, no logits
 
 How it works (one generic mechanism, no copied forward per model): the instance's ``forward`` is
@@ -415,7 +416,7 @@ class _FusedHead:
 _HOOKS_MESSAGE = (
     "lm_head has forward hooks that apply_tofu_kernel has not checked: the fused TOFU loss is "
     "computed from lm_head's input, so a hook that changes the logits does not change it (nor do "
-    "lm_head's backward hooks run); apply_tofu_kernel(model) again checks them"
+    "lm_head's backward hooks run); apply_tofu_kernel again, with the same options, checks them"
 )
 
 
@@ -794,7 +795,8 @@ def apply_tofu_kernel(
             ``lm_head`` (and ``trainable_token_indices`` with tied embeddings), and bf16/fp16
             models are supported.
         gamma, beta, ignore_index: the TOFU options (see :func:`tofu_kernels.tofu_loss`).
-        impl: ``"auto"`` (Triton on GPU, PyTorch on CPU), ``"chunked"`` (alias ``"triton"``),
+        impl: ``"auto"`` (Triton on GPU, and on CPU under ``TRITON_INTERPRET=1``; PyTorch on
+            CPU otherwise), ``"chunked"`` (alias ``"triton"``),
             ``"vocab_chunked"``, ``"fused"`` or ``"torch"``: the impl of the fused loss in
             training (see :func:`~tofu_kernels.fused_linear_tofu_loss`); eval logits use the
             logits kernel. All run under FSDP2 (``"vocab_chunked"`` and ``"fused"``, which read

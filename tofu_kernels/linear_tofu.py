@@ -39,9 +39,9 @@ from tofu_kernels.utils import (
     check_labels,
     check_num_items,
     check_tensor,
+    check_triton_device,
     half_range,
     headroom,
-    interpreting,
     mm_fp32,
     pow2_near,
     reduce_loss,
@@ -449,7 +449,7 @@ def fused_linear_tofu_loss(
             each reads and writes the ``(V, H)`` accumulator once, and the ``grad_weight`` GEMM
             (inner dimension = chunk) becomes memory-bound. For
             ``impl="vocab_chunked"``: vocabulary columns per chunk (default H, at least 2048;
-            2048 in the token slabs of ``accum_dtype=None``).
+            the token slabs of ``accum_dtype=None`` use the same chunks).
         impl: ``"chunked"`` (cuBLAS GEMMs + the Triton TOFU kernel, over chunks of tokens,
             gradients made in forward), ``"vocab_chunked"`` (the same over chunks of vocabulary
             columns, O(N) saved floats, recomputed in backward: each chunk's ``grad_weight``
@@ -579,11 +579,7 @@ def fused_linear_tofu_loss(
     if impl in ("chunked", *RECOMPUTE_IMPLS):
         if hidden.dtype not in KERNEL_DTYPES:
             raise TypeError(f"impl={impl!r} takes {KERNEL_DTYPES} inputs, got {hidden.dtype}")
-        if hidden.device.type == "cpu" and not interpreting():
-            raise ValueError(
-                f"impl={impl!r} runs Triton kernels: CUDA tensors, or CPU tensors under "
-                "TRITON_INTERPRET=1 (set before triton is imported); impl='torch' runs on CPU"
-            )
+        check_triton_device(impl, hidden.device)
     if impl in RECOMPUTE_IMPLS and accum_dtype not in (None, torch.float32, weight.dtype):
         raise ValueError(
             f"impl={impl!r} accumulates grad_weight in fp32 or, with accum_dtype=None, in the "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -18,6 +20,8 @@ from tofu_kernels.utils import (
     check_num_items,
     check_tensor,
     grad_multiplier,
+    half_range,
+    headroom,
     pow2_near,
     reduce_loss,
     reduction_scale,
@@ -31,6 +35,7 @@ NUM_WARPS_LARGE = 8  # tiles of 2048 columns and more
 NUM_WARPS_SMALL = 4
 # impl="torch" works on row chunks of about this many logits, so its temporaries stay bounded.
 TORCH_CHUNK_ELEMENTS = 1 << 22
+_F32 = torch.float32
 
 
 @triton.jit
@@ -99,6 +104,7 @@ def _tofu_fwd_kernel(
     grad_ptr,
     grad_scale_ptr,
     err_ptr,
+    row_norm_ptr,
     # strides in elements (rows of logits and grad may be padded; grad may alias logits)
     stride_logits,
     stride_grad,
@@ -116,6 +122,8 @@ def _tofu_fwd_kernel(
     COMPUTE_GRAD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_ERR: tl.constexpr,
+    HAS_ROW_NORM: tl.constexpr,
+    LOG2_ROOM: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -183,6 +191,16 @@ def _tofu_fwd_kernel(
             g = g * tl.load(grad_scale_ptr + row * stride_grad_scale)
         m = tl.where(row_ok, m, float("inf"))  # rows without a loss write exact zeros
         sb = sbx + tl.exp(zy_m * inv_beta)
+        if HAS_ROW_NORM:
+            # fp16: the row over a power of two 2^k that brings its largest entry (the target's,
+            # |g| sbx / sb, or below it) near 2^LOG2_ROOM, and 2^k stored for backward: at its
+            # own scale a confident row (g and 1 - q_y both small) would flush to zeros that no
+            # loss scale in backward brings back. k is clamped: 2^-k stays finite.
+            peak = tl.abs(g) * (sbx / sb)
+            k = tl.where(peak > 0, tl.floor(tl.log2(peak) + 0.5) - LOG2_ROOM, 0.0)
+            k = tl.minimum(tl.maximum(k, -126.0), 126.0)
+            g = g * tl.exp2(-k)
+            tl.store(row_norm_ptr + row, tl.exp2(k))
         coef = g / sb
         target = tl.where(row_ok, -g * (sbx / sb), 0.0)
         g_row = grad_ptr + row * stride_grad
@@ -234,6 +252,7 @@ def tofu_fwd(
     grad: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
     grad_err: torch.Tensor | None = None,
+    row_norm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token TOFU on ``(N, V)`` logits (unit column stride) with the Triton kernel; no checks.
 
@@ -244,7 +263,9 @@ def tofu_fwd(
     (in place), or a new one of the logits' dtype. ``grad_scale``, fp32 with 1 or N elements,
     multiplies the gradient rows (the reduction's scale, or a per-token upstream gradient).
     ``grad_err``, fp32 ``(N,)``, receives each stored gradient row's sum of rounding errors
-    (stored minus exact; see :func:`~tofu_kernels.utils.cancel_rounding`).
+    (stored minus exact; see :func:`~tofu_kernels.utils.cancel_rounding`). ``row_norm``, fp32
+    ``(N,)``, receives a power of two per row that the stored row is divided by (its largest
+    entry then near :func:`~tofu_kernels.utils.headroom`: for fp16, see :func:`row_norms`).
     """
     n, vocab = logits.shape
     if logits.stride(1) != 1:
@@ -263,6 +284,7 @@ def tofu_fwd(
         grad if grad is not None else loss,
         grad_scale if grad_scale is not None else loss,
         grad_err if grad_err is not None else loss,
+        row_norm if row_norm is not None else loss,
         logits.stride(0),
         grad.stride(0) if grad is not None else 0,
         stats.stride(0),
@@ -276,6 +298,8 @@ def tofu_fwd(
         COMPUTE_GRAD=grad is not None,
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_ERR=grad is not None and grad_err is not None,
+        HAS_ROW_NORM=grad is not None and row_norm is not None,
+        LOG2_ROOM=math.log2(headroom(logits.dtype)),
         BLOCK_V=block,
         num_warps=num_warps,
         **LAUNCH_OPTIONS,
@@ -294,6 +318,7 @@ def tofu_fwd_torch(
     grad: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
     grad_err: torch.Tensor | None = None,
+    row_norm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`tofu_fwd` in plain PyTorch, in row chunks of about ``TORCH_CHUNK_ELEMENTS`` logits.
 
@@ -312,6 +337,11 @@ def tofu_fwd_torch(
         if grad is not None:
             if grad_scale is not None:
                 g = g * (grad_scale[s:e] if grad_scale.numel() > 1 else grad_scale).reshape(-1, 1)
+            if row_norm is not None:  # as the kernel, from the row's largest entry itself
+                peak = g.abs().amax(1)
+                norm = torch.where(peak > 0, pow2_near(peak) / headroom(logits.dtype), 1.0)
+                row_norm[s:e] = norm.clamp(2.0**-126, 2.0**126)
+                g = g / row_norm[s:e, None].to(g.dtype)
             grad[s:e] = g
             if grad_err is not None:
                 grad_err[s:e] = (grad[s:e].to(g.dtype) - g).sum(1)
@@ -329,22 +359,28 @@ def tofu_rows_op(
     compute_grad: bool,
     triton_impl: bool,
     grad_scale: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    row_norms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`tofu_fwd` (or its PyTorch twin) as an opaque op, so ``torch.compile`` traces around
-    the launch. The gradient output is empty when not computed (an op cannot return None)."""
+    the launch: losses, stats, the gradient and, with ``row_norms``, its rows' norms. An output
+    not computed is empty (an op cannot return None)."""
     fwd = tofu_fwd if triton_impl else tofu_fwd_torch
+    norms = logits.new_empty(logits.shape[0] if row_norms and compute_grad else 0, dtype=_F32)
     loss, stats, grad = fwd(
-        logits, labels, gamma, beta, ignore_index, softcap, compute_grad, None, grad_scale
-    )
-    return loss, stats, grad if grad is not None else logits.new_empty(0)
+        logits, labels, gamma, beta, ignore_index, softcap, compute_grad, None, grad_scale,
+        row_norm=norms if norms.numel() else None,
+    )  # fmt: skip
+    return loss, stats, grad if grad is not None else logits.new_empty(0), norms
 
 
 @tofu_rows_op.register_fake
-def _(logits, labels, gamma, beta, ignore_index, softcap, compute_grad, triton_impl, grad_scale):
+def _(logits, labels, gamma, beta, ignore_index, softcap, compute_grad, triton_impl, grad_scale,
+      row_norms):  # fmt: skip
     n, vocab = logits.shape
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     grad = logits.new_empty((n, vocab) if compute_grad else (0,))
-    return logits.new_empty(n, dtype=dtype), logits.new_empty(4, n, dtype=dtype), grad
+    norms = logits.new_empty(n if row_norms and compute_grad else 0, dtype=_F32)
+    return logits.new_empty(n, dtype=dtype), logits.new_empty(4, n, dtype=dtype), grad, norms
 
 
 class TOFULossFunction(torch.autograd.Function):
@@ -367,24 +403,28 @@ class TOFULossFunction(torch.autograd.Function):
         dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         scale = reduction_scale(y, params, num_items_in_batch, dtype)
         # the gradient is rounded once: formed at the mean's scale over a power of two near it
-        # (at 1/N itself fp16 would flush it), which backward multiplies back exactly
+        # (at 1/N itself fp16 would flush it), which backward multiplies back exactly; fp16
+        # rows also over their own power of two (a confident row's entries are far below 1)
         norm = pow2_near(scale) if scale is not None else None
-        loss_rows, row_stats, grad = tofu_rows_op(
+        loss_rows, row_stats, grad, row_norms = tofu_rows_op(
             z, y, params.gamma, params.beta, params.ignore_index, params.softcap, compute_grad,
             use_triton(params.impl, z.device, z.dtype),
-            (scale / norm).reshape(1) if scale is not None else None,
+            (scale / norm).reshape(1) if scale is not None else None, half_range(z.dtype),
         )  # fmt: skip
         ctx.params = params
         ctx.logits_shape = logits.shape
-        ctx.save_for_backward(grad, norm)
+        ctx.save_for_backward(grad, norm, row_norms)
         ctx.mark_non_differentiable(row_stats)
         return reduce_loss(loss_rows, labels.shape, params, scale), row_stats
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor | None):
         check_backward(ctx, "tofu_loss", consumes=True)
-        grad, norm = ctx.saved_tensors
-        grad.mul_(grad_multiplier(grad_loss, norm, torch.promote_types(grad.dtype, torch.float32)))
+        grad, norm, row_norms = ctx.saved_tensors
+        factor = grad_multiplier(grad_loss, norm, torch.promote_types(grad.dtype, torch.float32))
+        if row_norms.numel():
+            factor = factor * row_norms.reshape(-1, 1)
+        grad.mul_(factor)  # fp32 products, each rounded once
         return grad.view(ctx.logits_shape), None, None, None, None
 
 
@@ -424,7 +464,8 @@ def tofu_loss(
         return_stats: also return a :class:`TOFUStats` of detached per-call statistics.
 
     Returns:
-        fp32 scalar for "mean"/"sum", fp32 ``labels.shape`` for "none"; with ``return_stats``,
+        fp32 scalar for "mean"/"sum", fp32 ``labels.shape`` for "none" (fp64 for fp64 logits);
+        with ``return_stats``,
         ``(loss, stats)``. The gradient (logits' dtype) is computed in forward when the logits
         require grad and is only scaled by ``grad_output`` in backward.
 

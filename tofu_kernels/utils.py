@@ -213,7 +213,18 @@ def use_triton(impl: str, device: torch.device, dtype: torch.dtype) -> bool:
         return dtype in KERNEL_DTYPES and (device.type == "cuda" or interpreting())
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"impl={impl!r} takes {KERNEL_DTYPES} logits, got {dtype}")
+    check_triton_device(impl, device)
     return True
+
+
+def check_triton_device(impl: str, device: torch.device) -> None:
+    """Refuse CPU tensors for a Triton impl unless the interpreter runs (Triton itself fails
+    with "0 active drivers")."""
+    if device.type == "cpu" and not interpreting():
+        raise ValueError(
+            f"impl={impl!r} runs Triton kernels: CUDA tensors, or CPU tensors under "
+            "TRITON_INTERPRET=1 (set before triton is imported); impl='torch' runs on CPU"
+        )
 
 
 def check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...] | None = None) -> None:
@@ -355,7 +366,8 @@ def check_backward(ctx, op: str, *, consumes: bool) -> None:
 
 @dataclass
 class TOFUStats:
-    """Detached fp32 statistics over the valid tokens of one call (0-dim tensors, no host sync)."""
+    """Detached statistics over the valid tokens of one call: 0-dim fp32 tensors (``n_tokens``
+    int64) on the inputs' device (no host sync)."""
 
     mean_p: torch.Tensor  # the target's softmax probability
     mean_focal_weight: torch.Tensor  # g
