@@ -359,9 +359,9 @@ def test_no_gradient_work_without_grad(device, monkeypatch):
     seen = []
     real = tofu_mod.tofu_fwd
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         seen.append(args[6])  # compute_grad
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(tofu_mod, "tofu_fwd", spy)
     logits = random_logits((4, 127), torch.float32, device)
