@@ -35,7 +35,6 @@ NUM_WARPS_LARGE = 8  # tiles of 2048 columns and more
 NUM_WARPS_SMALL = 4
 # impl="torch" works on row chunks of about this many logits, so its temporaries stay bounded.
 TORCH_CHUNK_ELEMENTS = 1 << 22
-_F32 = torch.float32
 
 
 @triton.jit
@@ -365,7 +364,8 @@ def tofu_rows_op(
     the launch: losses, stats, the gradient and, with ``row_norms``, its rows' norms. An output
     not computed is empty (an op cannot return None)."""
     fwd = tofu_fwd if triton_impl else tofu_fwd_torch
-    norms = logits.new_empty(logits.shape[0] if row_norms and compute_grad else 0, dtype=_F32)
+    rows = logits.shape[0] if row_norms and compute_grad else 0
+    norms = logits.new_empty(rows, dtype=torch.float32)
     loss, stats, grad = fwd(
         logits, labels, gamma, beta, ignore_index, softcap, compute_grad, None, grad_scale,
         row_norm=norms if norms.numel() else None,
@@ -379,7 +379,7 @@ def _(logits, labels, gamma, beta, ignore_index, softcap, compute_grad, triton_i
     n, vocab = logits.shape
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     grad = logits.new_empty((n, vocab) if compute_grad else (0,))
-    norms = logits.new_empty(n if row_norms and compute_grad else 0, dtype=_F32)
+    norms = logits.new_empty(n if row_norms and compute_grad else 0, dtype=torch.float32)
     return logits.new_empty(n, dtype=dtype), logits.new_empty(4, n, dtype=dtype), grad, norms
 
 
