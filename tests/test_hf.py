@@ -291,6 +291,28 @@ def test_return_dict_parameter(device):
     torch.testing.assert_close(logits, ref_logits.detach(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "bloom"])
+def test_return_dict_false_keeps_the_logits_slot(arch, device):
+    """A training tuple has the unpatched one's positions, None for the logits never made: its
+    logits slot was dropped (as ModelOutput.to_tuple drops None), so out[1] was the cache."""
+    model = tiny_model(arch, device)
+    ids, mask, labels = batch(device)
+    kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels, use_cache=True)
+    ref = model(**kwargs, return_dict=False)  # (ce, logits, cache)
+    ref_loss, _ = published(model, ids, mask, labels)
+    assert torch.is_tensor(ref[1]) and ref[1].shape[-1] == VOCAB and len(ref) >= 3
+    for return_logits in (False, True):
+        apply_tofu_kernel(model, gamma=GAMMA, beta=BETA, return_logits=return_logits)
+        out = model(**kwargs, return_dict=False)
+        assert len(out) == len(ref)
+        torch.testing.assert_close(out[0], ref_loss.detach(), rtol=1e-5, atol=0)
+        if return_logits:
+            torch.testing.assert_close(out[1], ref[1].detach(), rtol=1e-6, atol=1e-6)
+        else:
+            assert out[1] is None and model(**kwargs).logits is None
+        assert [type(o) for o in out[2:]] == [type(o) for o in ref[2:]]
+
+
 def test_shift_labels_and_logits_to_keep(device):
     model = tiny_model("qwen2", device)
     ids, mask, labels = batch(device)

@@ -561,7 +561,14 @@ def _forward_with_labels(
     fields = {k: v for k, v in out.items() if keep_logits or k != "logits"}
     fields["loss"] = _aux_loss(model, out, loss)
     result = type(out)(**fields)
-    return result if return_dict else result.to_tuple()
+    if return_dict:
+        return result
+    if keep_logits or "logits" not in out:
+        return result.to_tuple()
+    # to_tuple drops None fields: the logits never made keep their slot (None), so the positions
+    # are an unpatched model's (out[1] was the cache)
+    slots = type(out)(**{**fields, "logits": out["logits"]}).keys()
+    return tuple(None if k == "logits" else result[k] for k in slots)
 
 
 _TRL_MESSAGE = (
@@ -783,10 +790,11 @@ def apply_tofu_kernel(
     Patches this instance only (its class and other instances are untouched). Afterwards a training
     forward (``model.training`` and autograd enabled) with ``labels`` returns ``loss`` = TOFU of
     the shifted labels, computed by :func:`~tofu_kernels.fused_linear_tofu_loss` from the final
-    hidden states, and ``logits=None``: the ``(tokens, vocabulary)`` logits never exist. Forwards
-    without labels, in eval mode or under ``torch.no_grad()`` (evaluation, ``generate``) are
-    unchanged and return the same logits; with labels their loss is TOFU on those logits. Applying
-    again replaces the options.
+    hidden states, and ``logits=None`` (None in the logits' place of a ``return_dict=False``
+    tuple, so the positions are an unpatched model's): the ``(tokens, vocabulary)`` logits never
+    exist. Forwards without labels, in eval mode or under ``torch.no_grad()`` (evaluation,
+    ``generate``) are unchanged and return the same logits; with labels their loss is TOFU on
+    those logits. Applying again replaces the options.
 
     Args:
         model: a ``*ForCausalLM`` (any architecture with ``lm_head`` and a decoder returning
