@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -273,6 +274,32 @@ def test_patch_after_later_changes(device):
     hook.remove()
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)  # gamma 3, beta 0.8 still
+
+
+def test_lm_head_backward_hooks_warn(device):
+    """lm_head's backward hooks never run in a patched training forward (the logits whose
+    gradient they see are never made): a warning when patching over them, and on the first
+    training forward after one is added; nothing was said."""
+    ids, mask, labels = batch(device)
+    calls = []
+    model = tiny_model("llama", device)
+    model.lm_head.register_full_backward_hook(lambda *_: calls.append("full"))
+    with pytest.warns(UserWarning, match="backward hooks"):
+        apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert not calls
+    model.lm_head.register_full_backward_pre_hook(lambda *_: calls.append("pre"))
+    with pytest.warns(UserWarning, match="backward hooks"):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert not calls
+    with pytest.warns(UserWarning, match="backward hooks"):
+        apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)  # checked now: said once, here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+        apply_tofu_kernel(tiny_model("llama", device))  # no hooks, no warning
 
 
 def test_return_dict_parameter(device):

@@ -365,6 +365,10 @@ class _FusedHead:
         st = self.state
         if _unchecked_hooks(self.head, st):
             warnings.warn(_HOOKS_MESSAGE, stacklevel=2)
+        head_id, checked = st.head_hooks
+        backward = _backward_hooks(self.head)
+        if backward and (head_id != id(self.head) or backward - checked):
+            warnings.warn(_BACKWARD_HOOKS_MESSAGE, stacklevel=2)  # added since the patch
         hidden, weight, bias = _head_operands(self.head, x)
         n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         labels = self.labels.to(x.device)
@@ -418,6 +422,26 @@ _HOOKS_MESSAGE = (
     "computed from lm_head's input, so a hook that changes the logits does not change it (nor do "
     "lm_head's backward hooks run); apply_tofu_kernel again, with the same options, checks them"
 )
+
+
+_BACKWARD_HOOKS_MESSAGE = (
+    "lm_head has backward hooks (register_full_backward_hook or register_full_backward_pre_hook; "
+    "register_backward_hook): a patched model's training forward never makes the logits whose "
+    "gradient they are given, so they do not run (register_backward_hook's see an empty "
+    "placeholder's); revert_tofu_kernel(model) to train with them"
+)
+
+
+def _backward_hooks(head: nn.Module) -> frozenset:
+    return frozenset(head._backward_hooks) | frozenset(head._backward_pre_hooks)
+
+
+def _check_head_hooks(head: nn.Module, state: _TOFUState) -> None:
+    """Record lm_head's hooks as checked; its backward hooks, which never run, get a warning."""
+    backward = _backward_hooks(head)
+    if backward:
+        warnings.warn(_BACKWARD_HOOKS_MESSAGE, stacklevel=3)
+    state.head_hooks = (id(head), frozenset(head._forward_hooks) | backward)
 
 
 def _unchecked_hooks(head: nn.Module, state: _TOFUState) -> bool:
@@ -853,7 +877,7 @@ def apply_tofu_kernel(
         if verify:
             _verify(lm, _original_forward(lm, state), _TOFUState(**options))
         vars(state).update(options)
-        state.head_hooks = (id(head), frozenset(head._forward_hooks))
+        _check_head_hooks(head, state)
         state.active = True
         return model
 
@@ -863,7 +887,7 @@ def apply_tofu_kernel(
     if verify:
         _verify(lm, _original_forward(lm, state), state)
 
-    state.head_hooks = (id(head), frozenset(head._forward_hooks))
+    _check_head_hooks(head, state)
     state.patched = _PatchedForward(lm)
     setattr(lm, _STATE, state)
     lm.forward = state.patched
