@@ -7,6 +7,7 @@ a few training steps take minutes.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -101,7 +102,7 @@ TEXTS = [
 ]
 
 
-def sft_setup(device, tmp_path, max_steps):
+def sft_setup(device, tmp_path, max_steps, **overrides):
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
     tokenizer = word_tokenizer(TEXTS)
@@ -109,7 +110,7 @@ def sft_setup(device, tmp_path, max_steps):
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.bos_token_id = tokenizer.bos_token_id
-    args = trl.SFTConfig(
+    options = dict(
         output_dir=str(tmp_path),
         max_steps=max_steps,
         per_device_train_batch_size=8,
@@ -123,6 +124,7 @@ def sft_setup(device, tmp_path, max_steps):
         disable_tqdm=True,
         seed=0,
     )
+    args = trl.SFTConfig(**{**options, **overrides})
     kwargs = dict(args=args, train_dataset=datasets.Dataset.from_dict({"text": TEXTS}))
     return trl, model, tokenizer, kwargs
 
@@ -182,3 +184,53 @@ def test_plain_sft_trainer_never_trains_cross_entropy(device, tmp_path):
     else:  # TRL versions that take the model's own loss train TOFU with the plain trainer
         trainer.train()
         assert get_tofu_stats(model) is not None
+
+
+@pytest.mark.parametrize("accumulation, coef", [(2, None), (1, 0.1)])
+def test_sft_trainer_moe_aux_loss_as_trl(device, tmp_path, accumulation, coef):
+    """A MoE model's router loss under TOFUSFTTrainer is TRL's: SFTConfig's router_aux_loss_coef
+    (it used the model's own), divided by the accumulation steps with num_items_in_batch (it
+    counted once per micro-batch), and logged as aux_loss. gamma=0, beta=1 is cross-entropy."""
+    trl, _, tokenizer, kwargs = sft_setup(
+        device,
+        tmp_path,
+        max_steps=1,
+        per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
+        router_aux_loss_coef=coef,
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        bf16=False,  # SFTConfig's default: bf16 autocast, on CPU too
+    )
+    from tofu_kernels.hf import TOFUSFTTrainer
+
+    config = transformers.MixtralConfig(
+        **{**TINY_LLAMA, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id},
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.5,
+    )
+    torch.manual_seed(0)
+    proto = transformers.MixtralForCausalLM(config).to(device)
+    kwargs["train_dataset"] = kwargs["train_dataset"].select(range(8))
+    runs = []
+    for patched in (False, True):
+        model = copy.deepcopy(proto)
+        if patched:
+            apply_tofu_kernel(model, gamma=0.0, beta=1.0, impl="torch")
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        cls = TOFUSFTTrainer if patched else trl.SFTTrainer
+        trainer = cls(model=model, processing_class=tokenizer, optimizers=(opt, None), **kwargs)
+        trainer.train()
+        log = next(h for h in trainer.state.log_history if "loss" in h)
+        update = {n: before[n] - p.detach() for n, p in model.named_parameters()}
+        runs.append((log, update))
+    (trl_log, trl_update), (log, update) = runs
+    assert math.isclose(log["loss"], trl_log["loss"], rel_tol=1e-4)
+    assert math.isclose(log["aux_loss"], trl_log["aux_loss"], rel_tol=1e-4)
+    for name, expected in trl_update.items():  # SGD at lr 1: the gradients
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(update[name], expected, rtol=0, atol=1e-4 * scale)

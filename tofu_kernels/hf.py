@@ -30,7 +30,7 @@ loss is TOFU on those logits (through the logits kernel, differentiable). Losses
 transformers' ``ForCausalLMLoss``: labels shifted left by one (or a ``shift_labels`` kwarg used as
 given), ``ignore_index``, and the mean over valid tokens or over the ``num_items_in_batch`` that
 ``Trainer`` passes under gradient accumulation; a MoE model's ``router_aux_loss_coef * aux_loss``
-is added as its own forward would.
+is added as its own forward would (:class:`TOFUSFTTrainer` adds it as TRL does instead).
 
 With ``Trainer``, leave ``label_smoothing_factor`` and ``compute_loss_func`` unset: both make
 ``Trainer`` compute its own loss from logits. TRL's ``SFTTrainer`` (>= 1.0) computes its own loss
@@ -322,6 +322,7 @@ class _TOFUState:
         self.patched: Any = None  # the _PatchedForward we installed
         self.signature: inspect.Signature | None = None
         self.active = True
+        self.add_aux = True  # the MoE router loss joins the loss (TOFUSFTTrainer adds its own)
         self.depth = 0  # > 0 while our forward runs (the bypass guard's signal)
         self.stats: TOFUStats | None = None
 
@@ -583,7 +584,7 @@ def _forward_with_labels(
         )
     state.stats = stats
     fields = {k: v for k, v in out.items() if keep_logits or k != "logits"}
-    fields["loss"] = _aux_loss(model, out, loss)
+    fields["loss"] = _aux_loss(model, out, loss) if getattr(state, "add_aux", True) else loss
     result = type(out)(**fields)
     if return_dict:
         return result
@@ -1020,7 +1021,9 @@ def _make_sft_trainer() -> type:
         (``Trainer``'s own ``compute_loss``, with ``num_items_in_batch``), where recent TRL
         versions would compute cross-entropy from their own fused head. TRL's ``entropy`` and
         ``mean_token_accuracy`` metrics come from the kernel's statistics, with ``mean_p`` and
-        ``focal_weight`` added.
+        ``focal_weight`` added. A MoE model's router loss is added as ``SFTTrainer`` adds it
+        (``SFTConfig.router_aux_loss_coef``, divided by the accumulation steps under
+        ``num_items_in_batch``) and logged as ``aux_loss``.
         """
 
         def __init__(self, model: Any, *args: Any, **kwargs: Any) -> None:
@@ -1053,12 +1056,40 @@ def _make_sft_trainer() -> type:
             num_items_in_batch: Any = None,
         ) -> Any:
             inputs = {**inputs, "use_cache": False}
-            loss, outputs = Trainer.compute_loss(
-                self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            # A MoE model's router loss as SFTTrainer adds it: its coefficient (SFTConfig's, else
+            # the config's), divided by the accumulation steps under num_items_in_batch (the
+            # model's own forward adds it to each micro-batch's loss in full)
+            coef = getattr(self, "router_aux_loss_coef", None)
+            state = vars(_causal_lm(self.model)).get(_STATE)
+            aux_enabled = (
+                getattr(self, "aux_loss_enabled", False)
+                and coef is not None
+                and state is not None
+                and state.active
             )
+            if aux_enabled:
+                inputs["output_router_logits"] = True  # VLM wrappers read it from the call only
+                state.add_aux = False
+            try:
+                loss, outputs = Trainer.compute_loss(
+                    self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+                )
+            finally:
+                if aux_enabled:
+                    state.add_aux = True
+            aux = outputs.get("aux_loss") if aux_enabled and isinstance(outputs, Mapping) else None
+            if aux is not None:
+                steps = 1
+                if num_items_in_batch is not None:
+                    steps = getattr(self, "current_gradient_accumulation_steps", None)
+                    steps = steps or self.args.gradient_accumulation_steps
+                loss = loss + coef * aux.to(loss.device) / steps
             stats = get_tofu_stats(self.model)
             metrics = getattr(self, "_metrics", None)
             mode = "train" if self.model.training else "eval"
+            if aux is not None and isinstance(metrics, Mapping) and mode in metrics:
+                aux_mean = self.accelerator.gather_for_metrics(aux.detach()).mean()
+                metrics[mode].setdefault("aux_loss", []).append(float(aux_mean))
             if stats is not None and isinstance(metrics, Mapping) and mode in metrics:
                 for key, value in (
                     ("entropy", stats.entropy),
