@@ -751,6 +751,23 @@ def test_deepcopy_and_pickle(device):
     assert model(input_ids=ids, labels=labels).logits is None
 
 
+def test_shallow_copy(device):
+    """copy.copy(model) shares its submodules, parameters and hook dicts (torch's shallow copy),
+    and so the patch: reverting the copy reverts the original. Patching the original again then
+    restored its forward but not the backbone's bypass guard, which the revert had removed."""
+    model = apply_tofu_kernel(tiny_model("llama", device), impl="torch")
+    ids, mask, labels = batch(device)
+    clone = copy.copy(model)
+    assert clone(input_ids=ids, labels=labels).logits is None
+    revert_tofu_kernel(clone)
+    assert not is_tofu_patched(model) and not is_tofu_patched(clone)
+    apply_tofu_kernel(model, impl="torch")
+    assert model(input_ids=ids, labels=labels).logits is None
+    model.forward = lambda **kwargs: model.model(input_ids=kwargs["input_ids"])  # a bypass
+    with pytest.raises(RuntimeError, match="TOFUSFTTrainer"):
+        model(input_ids=ids, labels=labels)
+
+
 def test_top_level_exports():
     for name in ("apply_tofu_kernel", "revert_tofu_kernel", "tofu_loss_func"):
         assert getattr(tofu_kernels, name) is getattr(tofu_kernels.hf, name)

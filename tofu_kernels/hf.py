@@ -879,6 +879,7 @@ def apply_tofu_kernel(
             _verify(lm, _original_forward(lm, state), _TOFUState(**options))
         vars(state).update(options)
         _check_head_hooks(head, state)
+        _install_guard(lm, state)  # gone if a shallow copy (sharing the decoder) was reverted
         state.active = True
         return model
 
@@ -892,10 +893,18 @@ def apply_tofu_kernel(
     state.patched = _PatchedForward(lm)
     setattr(lm, _STATE, state)
     lm.forward = state.patched
-    _decoder(lm).register_forward_pre_hook(
-        functools.partial(_bypass_guard, state, _OwnerForward(lm))
-    )
+    _install_guard(lm, state)
     return model
+
+
+def _install_guard(lm: nn.Module, state: _TOFUState) -> None:
+    """The backbone's bypass guard for ``state``, unless it has one."""
+    decoder = _decoder(lm)
+    for hook in decoder._forward_pre_hooks.values():
+        if isinstance(hook, functools.partial) and hook.func is _bypass_guard:
+            if hook.args[0] is state:
+                return
+    decoder.register_forward_pre_hook(functools.partial(_bypass_guard, state, _OwnerForward(lm)))
 
 
 def revert_tofu_kernel(model: nn.Module) -> nn.Module:
