@@ -231,6 +231,8 @@ def test_sft_trainer_moe_aux_loss_as_trl(device, tmp_path, accumulation, coef):
     (trl_log, trl_update), (log, update) = runs
     assert math.isclose(log["loss"], trl_log["loss"], rel_tol=1e-4)
     assert math.isclose(log["aux_loss"], trl_log["aux_loss"], rel_tol=1e-4)
+    for key in ("entropy", "mean_token_accuracy"):  # from the kernel's stats, TRL's from logits
+        assert math.isclose(log[key], trl_log[key], rel_tol=1e-4), (key, log[key], trl_log[key])
     for name, expected in trl_update.items():  # SGD at lr 1: the gradients
         scale = expected.abs().max().item()
         torch.testing.assert_close(update[name], expected, rtol=0, atol=1e-4 * scale)

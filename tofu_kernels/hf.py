@@ -1100,13 +1100,15 @@ def _make_sft_trainer() -> type:
                 aux_mean = self.accelerator.gather_for_metrics(aux.detach()).mean()
                 metrics[mode].setdefault("aux_loss", []).append(float(aux_mean))
             if stats is not None and isinstance(metrics, Mapping) and mode in metrics:
-                for key, value in (
-                    ("entropy", stats.entropy),
-                    ("mean_token_accuracy", stats.accuracy),
-                    ("mean_p", stats.mean_p),
-                    ("focal_weight", stats.mean_focal_weight),
-                ):
-                    metrics[mode].setdefault(key, []).append(float(value))
+                # every process's token-weighted sums in one gather, read in one sync
+                n = stats.n_tokens.to(torch.float32)
+                keys = ("entropy", "mean_token_accuracy", "mean_p", "focal_weight")
+                means = (stats.entropy, stats.accuracy, stats.mean_p, stats.mean_focal_weight)
+                sums = torch.stack([*(m.to(torch.float32) * n for m in means), n])
+                sums = self.accelerator.gather_for_metrics(sums).reshape(-1, len(keys) + 1)
+                *totals, count = sums.sum(0).tolist()
+                for key, total in zip(keys, totals, strict=True):
+                    metrics[mode].setdefault(key, []).append(total / max(count, 1.0))
             return (loss, outputs) if return_outputs else loss
 
     return TOFUSFTTrainer
