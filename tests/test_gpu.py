@@ -23,6 +23,7 @@ from helpers import (
     random_logits,
     returns_of,
     shared_direction_head,
+    tied_head,
 )
 from tofu_kernels import fused_linear_tofu_loss, tofu_loss
 
@@ -53,6 +54,31 @@ def test_out_of_range_label_is_nan_on_gpu():
     logits = torch.randn(4, 1000, device="cuda")
     labels = torch.tensor([1, 2, 5000, 3], device="cuda")
     assert torch.isnan(tofu_loss(logits, labels))
+
+
+def test_fp16_confident_rows_under_loss_scaling_on_gpu():
+    """The per-row powers of two of fp16 tofu_loss through the compiled kernel (log2 and exp2
+    on the GPU flush subnormals): every row confident, a GradScaler-sized upstream gradient."""
+    torch.manual_seed(0)
+    logits = torch.randn(256, LLAMA3_VOCAB, device="cuda") * 0.5
+    labels = torch.randint(0, LLAMA3_VOCAB, (256,), device="cuda")
+    logits[torch.arange(256), labels] += 15.0
+    logits = logits.half().requires_grad_(True)
+    tofu_loss(logits, labels, reduction="sum", impl="triton").backward(torch.tensor(65536.0))
+    _, ref = oracle(logits, labels, gamma=3.0, beta=0.8, reduction="sum",
+                    grad_output=torch.tensor(65536.0, device="cuda"))  # fmt: skip
+    assert ref.abs().max() < 2.0**-14 * 65536  # at the loss's own scale: fp16's subnormals
+    assert_close(logits.grad, ref, GRAD_RTOL[torch.float16], "grad")
+
+
+@pytest.mark.parametrize("impl", ["chunked", "vocab_chunked", "fused"])
+def test_accuracy_takes_the_first_of_tied_maxima_on_gpu(impl):
+    """Targets tied at the max with an earlier column (wrong) or a later one (right), across the
+    fused kernel's vocabulary splits and vocab_chunked's chunks at the Llama-3 vocabulary."""
+    pairs = [(3, 100_000), (60_000, 128_000), (0, 128_255), (128_254, 5), (90_000, 30_000)]
+    x, w, y = tied_head(pairs, 64, LLAMA3_VOCAB, torch.bfloat16, "cuda")
+    _, stats = fused_linear_tofu_loss(x, w, y, impl=impl, return_stats=True)
+    assert stats.accuracy.item() == pytest.approx(3 / 5, abs=1e-6)
 
 
 @pytest.mark.parametrize("impl", ["chunked", "vocab_chunked", "fused"])
