@@ -366,10 +366,8 @@ class _FusedHead:
         st = self.state
         if _unchecked_hooks(self.head, st):
             warnings.warn(_HOOKS_MESSAGE, stacklevel=2)
-        head_id, checked = st.head_hooks
-        backward = _backward_hooks(self.head)
-        if backward and (head_id != id(self.head) or backward - checked):
-            warnings.warn(_BACKWARD_HOOKS_MESSAGE, stacklevel=2)  # added since the patch
+        if _unchecked_backward_hooks(self.head, st):
+            warnings.warn(_BACKWARD_HOOKS_MESSAGE, stacklevel=2)
         hidden, weight, bias = _head_operands(self.head, x)
         n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         labels = self.labels.to(x.device)
@@ -459,6 +457,13 @@ def _unchecked_hooks(head: nn.Module, state: _TOFUState) -> bool:
         ):
             return True
     return False
+
+
+def _unchecked_backward_hooks(head: nn.Module, state: _TOFUState) -> bool:
+    """Backward hooks on lm_head added since the patch checked (and warned about) its hooks."""
+    head_id, checked = state.head_hooks
+    backward = _backward_hooks(head)
+    return bool(backward) and (head_id != id(head) or bool(backward - checked))
 
 
 def _aux_loss(model: nn.Module, out: Mapping[str, Any], loss: torch.Tensor) -> torch.Tensor:

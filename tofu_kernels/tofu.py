@@ -264,7 +264,8 @@ def tofu_fwd(
     ``grad_err``, fp32 ``(N,)``, receives each stored gradient row's sum of rounding errors
     (stored minus exact; see :func:`~tofu_kernels.utils.cancel_rounding`). ``row_norm``, fp32
     ``(N,)``, receives a power of two per row that the stored row is divided by (its largest
-    entry then near :func:`~tofu_kernels.utils.headroom`: for fp16, see :func:`row_norms`).
+    entry then near :func:`~tofu_kernels.utils.headroom`; :class:`TOFULossFunction` asks for it
+    with fp16 logits and multiplies it back in backward).
     """
     n, vocab = logits.shape
     if logits.stride(1) != 1:

@@ -71,7 +71,7 @@ _FP32_MAX = torch.finfo(torch.float32).max
 def _builtin_number(value: object) -> object:
     """A real number that is not a Python one (``numpy.float32(3)``, ``numpy.int64(-100)``) as
     the Python int or float of the same value; anything else unchanged, for the checks to judge."""
-    if isinstance(value, (int, float)) or isinstance(value, bool) or value is None:
+    if isinstance(value, (int, float)) or value is None:  # bool is an int
         return value
     if isinstance(value, numbers.Integral):
         return int(value)
