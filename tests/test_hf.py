@@ -86,6 +86,55 @@ ARCHS = {
         "MixtralForCausalLM",
         {"num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True},
     ),
+    "jetmoe": (  # its router loss weight is aux_loss_coef
+        "JetMoeConfig",
+        "JetMoeForCausalLM",
+        {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "kv_channels": 8,
+            "output_router_logits": True,
+        },
+    ),
+    "recurrent_gemma": (
+        "RecurrentGemmaConfig",
+        "RecurrentGemmaForCausalLM",
+        {
+            "lru_width": 32,
+            "head_dim": 8,
+            "num_key_value_heads": 1,
+            "attention_window_size": 16,
+            "block_types": ["recurrent", "attention"],
+            "logits_soft_cap": 2.0,
+        },
+    ),
+    # mode "train" runs whole chunks only: the 4-token check fails and is retried at chunk_size
+    # (use_cache=False: transformers 5.25's xLSTM cache has the wrong shape at these sizes)
+    "xlstm": (
+        "xLSTMConfig",
+        "xLSTMForCausalLM",
+        {
+            "embedding_dim": 32,
+            "num_blocks": 2,
+            "num_heads": 2,
+            "chunk_size": 8,
+            "mode": "train",
+            "use_cache": False,
+            "output_logit_soft_cap": 2.0,
+        },
+    ),
+    "cohere_compass_text": (
+        "CohereCompassTextConfig",
+        "CohereCompassForCausalLM",
+        {
+            "head_dim": 8,
+            "logit_scale": 0.5,
+            "rope_parameters": {
+                kind: {"rope_type": "default", "rope_theta": 1e4}
+                for kind in ("full_attention", "sliding_attention")
+            },
+        },
+    ),
 }
 ISSUE_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
 
@@ -167,16 +216,24 @@ def test_loss_and_gradients_match_published(arch, device):
     torch.testing.assert_close(ce, hf, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["cohere", "granite", "hyperclovax", "falcon_h1", "mixtral"])
+# logit scales from the registry: Cohere's and Cohere Compass's logit_scale, Granite's and
+# HyperCLOVA X's logits_scaling, Falcon-H1's lm_head_multiplier; softcaps under other names:
+# RecurrentGemma's logits_soft_cap, xLSTM's output_logit_soft_cap
+REGISTRY_ARCHS = ["cohere", "cohere_compass_text", "granite", "hyperclovax", "falcon_h1"]
+SOFTCAP_ARCHS = ["recurrent_gemma", "xlstm"]
+
+
+# and the router losses of Mixtral (router_aux_loss_coef) and JetMoe (aux_loss_coef)
+@pytest.mark.parametrize("arch", [*REGISTRY_ARCHS, *SOFTCAP_ARCHS, "mixtral", "jetmoe"])
 def test_registry_and_moe_losses(arch, device):
-    """Cohere's logit_scale, Granite's and HyperCLOVA X's logits_scaling and Falcon-H1's
-    lm_head_multiplier (registry), Mixtral's router loss."""
     model = tiny_model(arch, device)
     ids, mask, labels = batch(device)
     ref, _ = published(model, ids, mask, labels)
     out_ref = model(input_ids=ids, attention_mask=mask)
-    if arch == "mixtral":
-        ref = ref + model.router_aux_loss_coef * out_ref.aux_loss
+    if arch in ("mixtral", "jetmoe"):
+        coef = model.router_aux_loss_coef if arch == "mixtral" else model.aux_loss_coef
+        assert out_ref.aux_loss > 0 and coef > 0
+        ref = ref + coef * out_ref.aux_loss
     apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
@@ -556,13 +613,14 @@ def test_vision_language_models(arch, device):
     assert arch != "llava" or any("vision_tower" in name for name in got)
 
 
-def test_backbone_by_get_decoder(device):
-    """transformers 4.x's Gemma-3 text model names a missing attribute as its base model prefix
-    (``base_model`` is the model itself): the backbone is found by ``get_decoder()``."""
+@pytest.mark.parametrize("get_decoder", ["backbone", "itself"])
+def test_backbone_by_get_decoder(get_decoder, device):
+    """A base model prefix that names no attribute (``base_model`` is the model itself): the
+    backbone is ``get_decoder()`` (transformers 4.x's Gemma-3 text model), else ``model`` where
+    get_decoder() returns the model itself (transformers 5's Llama 4 and Mllama text models)."""
     model = tiny_model("gemma3_text", device)
-    # Gemma3ForCausalLM in transformers 4.57: the prefix names no attribute; its get_decoder()
     model.base_model_prefix = "language_model"
-    model.get_decoder = lambda: model.model
+    model.get_decoder = (lambda: model.model) if get_decoder == "backbone" else (lambda: model)
     assert model.base_model is model
     ids, mask, labels = batch(device)
     ref, _ = published(model, ids, mask, labels)
@@ -719,6 +777,63 @@ def test_unsupported_models_raise(device):
         torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
     finally:
         HEAD_SPECS.pop("tofu_test_scaled")
+
+
+class ZLossForCausalLM(transformers.LlamaForCausalLM):
+    """Adds a z-loss (Bamba's z_loss_coefficient) to the causal LM cross-entropy."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        if labels is not None:
+            out.loss = out.loss + 1e-2 * out.logits.logsumexp(-1).pow(2).mean()
+        return out
+
+
+class UnshiftedForCausalLM(transformers.LlamaForCausalLM):
+    """Labels as targets of their own positions (XLM's loss), with a head that predicts each
+    input token at once: its loss with one label underflows to 0, as a shifted-out label's."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask)
+        if labels is not None:
+            out.loss = nn.functional.cross_entropy(
+                out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100
+            )
+        return out
+
+
+class NeedsImagesForCausalLM(transformers.LlamaForCausalLM):
+    """A forward that fails without inputs the check does not give (GIT's pixel_values)."""
+
+    def forward(self, input_ids=None, pixel_values=None, labels=None, **kwargs):
+        if pixel_values is None:
+            raise ValueError("pixel_values are required")
+        return super().forward(input_ids=input_ids, labels=labels, **kwargs)
+
+
+def test_models_whose_own_loss_differs_raise(device):
+    """The check compares the model's own loss with the causal LM cross-entropy of its logits:
+    a term of its own, or labels it does not shift, refuse the patch; so does a check forward
+    that fails (verify=False then patches it unchecked)."""
+    model = ZLossForCausalLM(transformers.LlamaConfig(**COMMON)).to(device)
+    with pytest.raises(UnsupportedModelError, match="adds a term of its own"):
+        apply_tofu_kernel(model)
+    model = UnshiftedForCausalLM(transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 0}))
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight * 100)
+    with pytest.raises(UnsupportedModelError, match="does not shift labels"):
+        apply_tofu_kernel(model.to(device))
+    model = NeedsImagesForCausalLM(transformers.LlamaConfig(**COMMON)).to(device)
+    with pytest.raises(UnsupportedModelError, match="verify=False") as raised:
+        apply_tofu_kernel(model)
+    assert isinstance(raised.value.__cause__, ValueError)
+    assert not is_tofu_patched(model) and "forward" not in vars(model)
+    ids, mask, labels = batch(device)
+    pixels = torch.zeros(1, device=device)
+    ref, _ = published(model, ids, mask, labels, pixel_values=pixels)
+    apply_tofu_kernel(model, gamma=GAMMA, beta=BETA, verify=False)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels).loss
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
 
 
 def test_tofu_loss_func(device):

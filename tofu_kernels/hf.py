@@ -119,8 +119,19 @@ class HeadSpec:
     softcap: Callable[[nn.Module], float | None] = _config_softcap
 
 
-def _cohere_scale(model: nn.Module) -> float:
-    return float(getattr(model, "logit_scale", None) or _text_config(model).logit_scale)
+def _cohere_scale(model: nn.Module) -> float | None:
+    scale = getattr(model, "logit_scale", None)
+    if scale is None:  # the model reads it from its config (None: no scaling)
+        scale = getattr(_text_config(model), "logit_scale", None)
+    return None if scale is None else float(scale)
+
+
+def _recurrent_gemma_softcap(model: nn.Module) -> float | None:
+    return getattr(_text_config(model), "logits_soft_cap", None) or None
+
+
+def _xlstm_softcap(model: nn.Module) -> float | None:
+    return getattr(_text_config(model), "output_logit_soft_cap", None) or None
 
 
 def _granite_scale(model: nn.Module) -> float:
@@ -139,7 +150,10 @@ def _falcon_h1_scale(model: nn.Module) -> float:
 #: (``final_logit_softcapping`` when the config has it, which covers Gemma 2 and 3), and every
 #: spec is checked against the model's own logits by :func:`apply_tofu_kernel`.
 HEAD_SPECS: dict[str, HeadSpec] = {
-    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), HeadSpec(scale=_cohere_scale)),
+    **dict.fromkeys(
+        ("cohere", "cohere2", "cohere2_moe", "cohere_compass", "cohere_compass_text"),
+        HeadSpec(scale=_cohere_scale),
+    ),
     **dict.fromkeys(
         (
             "granite",
@@ -153,6 +167,8 @@ HEAD_SPECS: dict[str, HeadSpec] = {
     ),
     **dict.fromkeys(("hyperclovax", "hyperclovax_vision_v2"), HeadSpec(scale=_hyperclovax_scale)),
     "falcon_h1": HeadSpec(scale=_falcon_h1_scale),
+    "recurrent_gemma": HeadSpec(softcap=_recurrent_gemma_softcap),
+    "xlstm": HeadSpec(softcap=_xlstm_softcap),
 }
 
 
@@ -471,12 +487,15 @@ def _aux_loss(model: nn.Module, out: Mapping[str, Any], loss: torch.Tensor) -> t
     aux = out.get("aux_loss")
     if aux is None:
         return loss
-    coef = getattr(model, "router_aux_loss_coef", None)
-    if coef is None:
-        coef = getattr(_text_config(model), "router_aux_loss_coef", None)
+    coef = None
+    for owner in (model, _text_config(model)):
+        for attr in ("router_aux_loss_coef", "aux_loss_coef"):  # aux_loss_coef: JetMoe's
+            if coef is None:
+                coef = getattr(owner, attr, None)
     if coef is None:
         raise UnsupportedModelError(
-            f"{type(model).__name__} returns aux_loss but has no router_aux_loss_coef"
+            f"{type(model).__name__} returns aux_loss but has no router_aux_loss_coef (nor "
+            "aux_loss_coef)"
         )
     return loss + coef * aux.to(loss.device)
 
@@ -689,15 +708,18 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 
 
 def _decoder(lm: nn.Module) -> nn.Module | None:
-    """The backbone whose ``last_hidden_state`` feeds ``lm_head``: ``base_model``, or
-    ``get_decoder()`` where ``base_model_prefix`` names no attribute (transformers 4.x's
-    Gemma-3 text model: prefix ``language_model``, backbone ``model``); None if neither is one."""
+    """The backbone whose ``last_hidden_state`` feeds ``lm_head``: ``base_model``, else
+    ``get_decoder()``, else ``lm.model``, where ``base_model_prefix`` names no attribute
+    (transformers 4.x's Gemma-3 text model: prefix ``language_model``, backbone ``model``; the
+    text models of Llama 4 and Mllama likewise); None if none is one."""
     base = getattr(lm, "base_model", None)
     if isinstance(base, nn.Module) and base is not lm:
         return base
     get_decoder = getattr(lm, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    return decoder if isinstance(decoder, nn.Module) and decoder is not lm else None
+    for decoder in (get_decoder() if callable(get_decoder) else None, getattr(lm, "model", None)):
+        if isinstance(decoder, nn.Module) and decoder is not lm:
+            return decoder
+    return None
 
 
 def _check_causal_lm(lm: nn.Module) -> nn.Module:
@@ -735,16 +757,26 @@ def _shifts_labels(lm: nn.Module) -> bool:
     return getattr(lm, "loss_function", None) is ForCausalLMLoss
 
 
-def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> None:
-    """One 4-token forward: are the model's logits ``softcap(scale * lm_head(hidden))``?
+def _input_device(lm: nn.Module) -> torch.device:
+    # the embeddings' (first of several: MusicGen's codebooks), else the first parameter's
+    try:
+        emb = lm.get_input_embeddings()
+    except NotImplementedError:
+        emb = None
+    weight = getattr(emb, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        weight = next(lm.parameters())
+    return weight.device
 
-    Also resolves the head's operands, so an unsupported head fails here, not mid-training.
-    """
+
+def _probe(
+    lm: nn.Module, original: Callable[..., Any], n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Mapping[str, Any], torch.Tensor]:
+    """The check's two eval forwards of ``n`` tokens: lm_head's input and output and the model's
+    own loss with one label, at position 0; then its output with every token labelled."""
     head = lm.get_output_embeddings()
-    emb = lm.get_input_embeddings()
-    device = emb.weight.device if emb is not None else next(lm.parameters()).device
     vocab = int(getattr(_text_config(lm), "vocab_size", 0) or 4)
-    ids = (torch.arange(1, 5, device=device) % vocab).unsqueeze(0)
+    ids = (torch.arange(1, n + 1, device=_input_device(lm)) % vocab).unsqueeze(0)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     hook = head.register_forward_hook(lambda m, inp, out: seen.append((inp[0], out)))
     modes = {m: m.training for m in lm.modules()}
@@ -755,47 +787,93 @@ def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> N
         labels = torch.full_like(ids, -100)
         labels[0, 0] = ids[0, 0]
         with torch.no_grad():
-            out = original(input_ids=ids, labels=labels, use_cache=False, return_dict=True)
+            first = original(input_ids=ids, labels=labels, use_cache=False, return_dict=True)
             if len(seen) != 1:
                 raise UnsupportedModelError(
                     f"{type(lm).__name__} called lm_head {len(seen)} times in one forward; the "
                     "fused TOFU loss needs exactly one lm_head(hidden_states) call"
                 )
-            x, z = seen[0]
-            hidden, weight, bias = _head_operands(head, x)
-            z_fused = F.linear(
-                hidden.float(), weight.float(), None if bias is None else bias.float()
-            )
-            expected = z.float() * (1.0 if state.scale is None else state.scale)
-            if state.softcap is not None:
-                expected = state.softcap * torch.tanh(expected / state.softcap)
-            logits = out["logits"].float()
-            own_loss = out.get("loss")
+            out = original(input_ids=ids, labels=ids, use_cache=False, return_dict=True)
     finally:
         hook.remove()
         for m, mode in modes.items():
             m.training = mode
+    x, z = seen[0]
+    return x, z, first.get("loss"), out, ids
+
+
+def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> None:
+    """Two short eval forwards: are the model's logits ``softcap(scale * lm_head(hidden))``, and
+    is its own loss the causal LM cross-entropy of those logits (plus a MoE router loss)?
+
+    Also resolves the head's operands, so an unsupported head fails here, not mid-training.
+    """
+    name = type(lm).__name__
+    # xLSTM's kernels take whole chunks of tokens: a failed 4-token check is tried at one chunk
+    chunk = getattr(_text_config(lm), "chunk_size", None)
+    sizes = (4, chunk) if type(chunk) is int and chunk > 4 else (4,)
+    for n in sizes:
+        try:
+            x, z, first_loss, out, ids = _probe(lm, original, n)
+            break
+        except (UnsupportedModelError, torch.OutOfMemoryError):
+            raise
+        except Exception as error:  # any failure of the model's own forward
+            failure = error
+    else:
+        raise UnsupportedModelError(
+            f"{name}'s check forward (input_ids and labels alone, {sizes[-1]} tokens) failed: "
+            f"{type(failure).__name__}: {failure}. apply_tofu_kernel(..., verify=False) patches "
+            "without the check, if the model's logits are softcap(scale * lm_head(hidden)) and "
+            "its loss is the causal LM cross-entropy of them"
+        ) from failure
+    head = lm.get_output_embeddings()
+    hidden, weight, bias = _head_operands(head, x)
+    with torch.no_grad():
+        z_fused = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    expected = z.float() * (1.0 if state.scale is None else state.scale)
+    if state.softcap is not None:
+        expected = state.softcap * torch.tanh(expected / state.softcap)
+    logits = out["logits"].float()
     tol = 1e-4 if z.dtype in (torch.float32, torch.float64) else 3e-2
     if not _close(z_fused, z.float(), tol):
         raise UnsupportedModelError(
             f"lm_head ({type(head).__name__}) does not compute hidden @ weight.T + bias as "
             "apply_tofu_kernel reads it; its fused loss would be wrong"
         )
-    if own_loss is not None and bool(torch.isfinite(own_loss) & (own_loss > 0)):
-        # a *ForCausalLM whose own loss does not shift (Bart's, TrOCR's, Whisper's decoders,
-        # XLNet): TOFU of the shifted labels would train each position on the token two ahead
-        raise UnsupportedModelError(
-            f"{type(lm).__name__}'s own loss does not shift labels (labels[t] is the target of "
-            "position t), unlike transformers' causal LM loss, which apply_tofu_kernel follows; "
-            "its fused TOFU loss would train on the wrong tokens"
-        )
+    if first_loss is not None and bool(torch.isfinite(first_loss) & (first_loss > 0)):
+        raise UnsupportedModelError(_NO_SHIFT_MESSAGE.format(name=name))
     if logits.shape != expected.shape or not _close(logits, expected, tol):
         raise UnsupportedModelError(
-            f"{type(lm).__name__} (model_type={lm.config.model_type!r}) transforms lm_head's "
-            f"output in a way the registry does not describe (scale={state.scale}, "
-            f"softcap={state.softcap}): its fused TOFU loss would be wrong. Describe it with "
+            f"{name} (model_type={lm.config.model_type!r}) transforms lm_head's output in a way "
+            f"the registry does not describe (scale={state.scale}, softcap={state.softcap}): its "
+            "fused TOFU loss would be wrong. Describe it with "
             "tofu_kernels.hf.register_head_spec(model_type, HeadSpec(...))."
         )
+    own = out.get("loss")
+    if own is None:
+        return
+    rows, targets = logits.reshape(-1, logits.shape[-1]), ids.reshape(-1)
+    causal = _aux_loss(lm, out, F.cross_entropy(rows[:-1], targets[1:]))
+    loss_tol = 1e-4 if own.dtype in (torch.float32, torch.float64) else 1e-3
+    if _close(own.float(), causal.float(), loss_tol):
+        return
+    if _close(own.float(), _aux_loss(lm, out, F.cross_entropy(rows, targets)).float(), loss_tol):
+        raise UnsupportedModelError(_NO_SHIFT_MESSAGE.format(name=name))
+    raise UnsupportedModelError(
+        f"{name}'s own loss ({float(own):.6g}) is not the causal LM cross-entropy of its logits "
+        f"({float(causal):.6g}, with any router loss): it adds a term of its own (Bamba's "
+        "z_loss_coefficient, say), which its fused TOFU loss would leave out"
+    )
+
+
+# a *ForCausalLM whose own loss does not shift (Bart's, TrOCR's, Whisper's decoders, XLNet, XLM):
+# TOFU of the shifted labels would train each position on the token two ahead
+_NO_SHIFT_MESSAGE = (
+    "{name}'s own loss does not shift labels (labels[t] is the target of position t), unlike "
+    "transformers' causal LM loss, which apply_tofu_kernel follows; its fused TOFU loss would "
+    "train on the wrong tokens"
+)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
