@@ -21,8 +21,10 @@ on lm_head's output also run before the loss's backward: FSDP2 gathers the weigh
 which ``impl="fused"`` reads in backward. What a model does to lm_head's output
 before its loss (Gemma-2's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's
 ``logits_scaling``) is applied inside the kernel, from a small registry (:data:`HEAD_SPECS`);
-:func:`apply_tofu_kernel` checks it on a 4-token forward, so an architecture that does something
-else raises :class:`UnsupportedModelError` instead of training on a wrong loss.
+:func:`apply_tofu_kernel` checks it, and that the model's own loss is the causal LM cross-entropy
+of its logits, on two 4-token evaluation forwards, so an architecture that does something else
+(labels it does not shift, a loss term of its own) raises :class:`UnsupportedModelError` instead
+of training on a wrong loss.
 
 Forwards without labels, and evaluation forwards with labels (``model.eval()`` or
 ``torch.no_grad()``; ``generate``), run unchanged and return the same logits; with labels, their
@@ -924,14 +926,17 @@ def apply_tofu_kernel(
             weight's dtype (less memory; with ``"vocab_chunked"``, its token slabs). See
             ``fused_linear_tofu_loss``.
         return_logits: also return detached logits from training forwards (costs their memory).
-        verify: run one 4-token forward to check that the model's logits are what the fused loss
-            reads (``softcap(scale * lm_head(hidden))``). Turn off only where the model cannot
-            run a forward yet (parameters on the meta device or partitioned by DeepSpeed ZeRO-3).
+        verify: run two 4-token evaluation forwards to check that the model's logits are what
+            the fused loss reads (``softcap(scale * lm_head(hidden))``) and its own loss the
+            causal LM cross-entropy of them (plus a MoE router loss). Turn off only where the
+            model cannot run such a forward (parameters on the meta device or partitioned by
+            DeepSpeed ZeRO-3; a forward that needs inputs besides ``input_ids``).
 
     Raises:
         UnsupportedModelError: for a model that is not a causal LM of this form, a head that is not
-            a (LoRA) linear layer, or logits the registry does not describe (see
-            :func:`register_head_spec`). Nothing is patched then.
+            a (LoRA) linear layer, logits the registry does not describe (see
+            :func:`register_head_spec`), an own loss that is not the causal LM cross-entropy of
+            the logits, or a check forward that fails. Nothing is patched then.
     """
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {tuple(_IMPLS)}, got {impl!r}")

@@ -51,6 +51,8 @@ def resolve(module_type: str, name: str) -> Any:
 
 def _preferred(model_class: str, model_types: list[str]) -> str:
     """Of the model types sharing one class, the one that is its own config's model type."""
+    if len(model_types) == 1:
+        return model_types[0]
     try:
         own = resolve(model_types[0], model_class).config_class.model_type
     except (ImportError, AttributeError):
@@ -67,7 +69,7 @@ def causal_lm_archs() -> tuple[Arch, ...]:
             by_class.setdefault(model_class, []).append(model_type)
     archs = []
     for model_class, model_types in by_class.items():
-        model_type = _preferred(model_class, model_types) if len(model_types) > 1 else model_types[0]
+        model_type = _preferred(model_class, model_types)
         archs.append(Arch(model_type, model_class, CONFIG_MAPPING_NAMES[model_type]))
     return tuple(sorted(archs, key=lambda a: a.model_type))
 

@@ -11,6 +11,7 @@ where the forward returns a router loss), and against autograd through it. See R
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -56,7 +57,9 @@ TINY: dict[str, Any] = {
          "encoder_attention_heads"),
         4,
     ),
-    **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num"), 2),
+    **dict.fromkeys(
+        ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num"), 2
+    ),
     **dict.fromkeys(("head_dim", "d_head", "attention_head_dim", "kv_channels", "d_kv"), 8),
     "rotary_dim": 8,
     "vocab_size": VOCAB,
@@ -137,11 +140,11 @@ def _tiny_kwargs(default: Any, extra: dict[str, Any]) -> dict[str, Any]:
         old_depth, depth = depths[0]
         for name, old in attrs.items():
             per_layer = isinstance(old, (list, tuple)) or (
-                isinstance(old, str) and ("pattern" in name or "type" in name)
+                isinstance(old, str) and "pattern" in name
             )
             if per_layer and name not in kwargs and len(old) == old_depth > depth:
                 kwargs[name] = old[:depth]
-    kwargs.update({k: v for k, v in extra.items() if k in attrs or k not in TINY})
+    kwargs.update(extra)
     return kwargs
 
 
@@ -161,11 +164,10 @@ def tiny_config(config_cls: type, extra: dict[str, Any], router: bool) -> Any:
 def build(arch: Any, router: bool) -> Any:
     """The tiny model of ``arch``: fp32, CPU, seeded weights, train mode."""
     import torch
-
     from archs import resolve, text_config
 
-    config = tiny_config(resolve(arch.model_type, arch.config_class), EXTRA.get(arch.model_type, {}),
-                         router)  # fmt: skip
+    config_cls = resolve(arch.model_type, arch.config_class)
+    config = tiny_config(config_cls, EXTRA.get(arch.model_type, {}), router)
     model_cls = resolve(arch.model_type, arch.model_class)
     own = getattr(model_cls, "config_class", None)
     if isinstance(own, type) and not isinstance(config, own):
@@ -180,13 +182,12 @@ def _aux_coef(model: Any) -> float:
     """The router-loss weight, looked up as the oracle's definition says."""
     from archs import text_config
 
-    config = model.config
-    for obj, name in ((model, "router_aux_loss_coef"), (config, "router_aux_loss_coef"),
-                      (text_config(config), "router_aux_loss_coef"), (model, "aux_loss_coef"),
-                      (config, "aux_loss_coef"), (text_config(config), "aux_loss_coef")):  # fmt: skip
-        coef = getattr(obj, name, None)
-        if coef is not None:
-            return float(coef)
+    owners = (model, model.config, text_config(model.config))
+    for name in ("router_aux_loss_coef", "aux_loss_coef"):  # the latter: JetMoe's
+        for owner in owners:
+            coef = getattr(owner, name, None)
+            if coef is not None:
+                return float(coef)
     raise ValueError("the forward returns aux_loss but no router_aux_loss_coef/aux_loss_coef found")
 
 
@@ -302,7 +303,6 @@ def worker(model_type: str, router: bool, threads: int) -> None:
 
     import torch
     import transformers
-
     from archs import causal_lm_archs
 
     warnings.simplefilter("ignore")
@@ -388,24 +388,22 @@ def main() -> None:
     if args.router:
         moe = set(moe_archs())
         archs = [a for a in archs if a.model_type in moe]
-    out = open(args.out, "w") if args.out else None  # noqa: SIM115
     counts: dict[str, int] = {}
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = [pool.submit(check, a, args.router, args.timeout, args.threads)
-                       for a in archs]  # fmt: skip
-            for future in as_completed(futures):
-                rec = future.result()
-                counts[rec["status"]] = counts.get(rec["status"], 0) + 1
-                name = rec["arch"] + ("[router]" if rec["router"] else "")
-                print(f"{rec['status']:10} {name:28} {rec['seconds']:6.1f}s  {rec['detail']}",
-                      flush=True)  # fmt: skip
-                if out:
-                    out.write(json.dumps(rec) + "\n")
-                    out.flush()
-    finally:
-        if out:
-            out.close()
+    with (
+        open(args.out, "w") if args.out else contextlib.nullcontext() as out,
+        ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool,
+    ):
+        futures = [pool.submit(check, a, args.router, args.timeout, args.threads) for a in archs]
+        for future in as_completed(futures):
+            rec = future.result()
+            counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+            name = rec["arch"] + ("[router]" if rec["router"] else "")
+            print(
+                f"{rec['status']:10} {name:28} {rec['seconds']:6.1f}s  {rec['detail']}", flush=True
+            )
+            if out:
+                out.write(json.dumps(rec) + "\n")
+                out.flush()
     print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())) + f" (of {len(archs)})")
 
 
