@@ -647,14 +647,20 @@ def _bypass_guard(state: _TOFUState, owner_forward: Callable[[], Any], module: n
         raise RuntimeError(_TRL_MESSAGE)
 
 
-class _PatchedForward:
-    """The instance ``forward`` that :func:`apply_tofu_kernel` installs. A module-level callable,
-    not a bound closure: pickle saves a bound method as a lookup of its name on the model, which
-    found the class's own forward on load (a copy that said it was patched, training with
-    cross-entropy); this one is saved and copied along with its model."""
+class _PatchedForward(functools.partial):
+    """The instance ``forward`` that :func:`apply_tofu_kernel` installs: ``_tofu_forward`` with the
+    model bound, as a module-level partial, not a bound closure. pickle saves a bound method as a
+    lookup of its name on the model, which found the class's own forward on load (a copy that
+    said it was patched, training with cross-entropy); a partial is saved and copied along with
+    its model, and a copy that rebinds the partials in its ``__dict__`` (accelerate's
+    ``compile_regions``) gets a forward bound to itself."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __new__(cls, model: nn.Module) -> _PatchedForward:
+        return super().__new__(cls, _tofu_forward, model)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.args[0]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args and args[0] is self.model:  # rebound as a method (accelerate's unwrap_model)
@@ -662,7 +668,8 @@ class _PatchedForward:
         return _tofu_forward(self.model, *args, **kwargs)
 
     # A bound method's two attributes: a copy of the model that rebinds its instance methods
-    # (accelerate's compile_regions) then binds this forward to itself, not to the original.
+    # by them (accelerate's compile_regions before it rebound partials) binds this forward to
+    # itself, not to the original.
     @property
     def __self__(self) -> nn.Module:
         return self.model
