@@ -466,7 +466,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 
     mode = sys.argv[1]
     torch.manual_seed(0)
-    n, h, v = 4096, 256, 65536
+    n, h, v = 2048, 256, 65536
     x = torch.randn(n, h, requires_grad=mode != "nograd")
     w = (torch.randn(v, h) / 16).requires_grad_(mode != "nograd")
     y = torch.randint(0, v, (n,))
@@ -488,7 +488,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_memory_fused_vs_materialized():
-    """Peak RSS above baseline at N=4096, H=256, V=65536 fp32 (the logits alone are 1 GiB)."""
+    """Peak RSS above baseline at N=2048, H=256, V=65536 fp32 (the logits alone are 512 MiB)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # torch path on CPU
 
     def measure(mode):
@@ -500,10 +500,10 @@ def test_memory_fused_vs_materialized():
 
     ref, fused, nograd = measure("reference"), measure("fused"), measure("nograd")
     assert abs(ref["loss"] - fused["loss"]) < 1e-4 * ref["loss"]
-    chunk_mb = linear_mod.default_chunk_size(4096, 256, 65536) * 65536 * 4 / 2**20
+    chunk_mb = linear_mod.default_chunk_size(2048, 256, 65536) * 65536 * 4 / 2**20
     print(f"peak MB: reference {ref['peak_mb']:.0f}, fused {fused['peak_mb']:.0f}, "
           f"no_grad {nograd['peak_mb']:.0f}, one chunk {chunk_mb:.0f}")  # fmt: skip
-    assert ref["peak_mb"] > 3000  # the materialized path really is materialized
+    assert ref["peak_mb"] > 1500  # the materialized path really is materialized
     assert fused["peak_mb"] <= 0.25 * ref["peak_mb"]
     assert nograd["peak_mb"] <= 4 * chunk_mb  # about one chunk (with its fp32 temporaries)
 
