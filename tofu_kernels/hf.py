@@ -627,9 +627,8 @@ _TRL_MESSAGE = (
     "forward of its backbone outside the patched forward and computes its own loss from the LM "
     "head: TRL's SFTTrainer (>= 1.0) adds a fused cross-entropy head and takes its loss from "
     "per-token log-probabilities, so it would train with cross-entropy, not TOFU. Use "
-    "tofu_kernels.hf.TOFUSFTTrainer instead of trl.SFTTrainer (same arguments), or pass "
-    "compute_loss_func=tofu_kernels.tofu_loss_func() to an unpatched model. Trainers with losses "
-    "of their own (DPO, KTO, GRPO, ...) need no patch: revert_tofu_kernel(model) first. (A "
+    "tofu_kernels.hf.TOFUSFTTrainer instead of trl.SFTTrainer (same arguments). Trainers with "
+    "losses of their own (DPO, KTO, GRPO, ...) need no patch: revert_tofu_kernel(model) first. (A "
     "backbone call on purpose, for features: under torch.no_grad() or in eval mode.)"
 )
 
