@@ -861,17 +861,19 @@ def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> N
     own = out.get("loss")
     if own is None:
         return
-    rows, targets = logits.reshape(-1, logits.shape[-1]), ids.reshape(-1)
+    own = own.float().to(logits.device)
+    rows, targets = logits.reshape(-1, logits.shape[-1]), ids.reshape(-1).to(logits.device)
     causal = _aux_loss(lm, out, F.cross_entropy(rows[:-1], targets[1:]))
     loss_tol = 1e-4 if own.dtype in (torch.float32, torch.float64) else 1e-3
-    if _close(own.float(), causal.float(), loss_tol):
+    if _close(own, causal, loss_tol):
         return
-    if _close(own.float(), _aux_loss(lm, out, F.cross_entropy(rows, targets)).float(), loss_tol):
+    if _close(own, _aux_loss(lm, out, F.cross_entropy(rows, targets)), loss_tol):
         raise UnsupportedModelError(_NO_SHIFT_MESSAGE.format(name=name))
     raise UnsupportedModelError(
         f"{name}'s own loss ({float(own):.6g}) is not the causal LM cross-entropy of its logits "
-        f"({float(causal):.6g}, with any router loss): it adds a term of its own (Bamba's "
-        "z_loss_coefficient, say), which its fused TOFU loss would leave out"
+        f"({float(causal):.6g}: the mean over tokens, with any router loss): it adds a term of "
+        "its own (Bamba's z_loss_coefficient, say) or reduces otherwise, which its fused TOFU "
+        "loss would not"
     )
 
 
