@@ -123,6 +123,22 @@ ARCHS = {
             "output_logit_soft_cap": 2.0,
         },
     ),
+    "ergo": (  # lm_head: an nn.Linear subclass that returns fp32 logits
+        "ErgoConfig",
+        "ErgoForCausalLM",
+        {
+            "head_dim": 8,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_intermediate_size": 32,
+            "first_dense_intermediate_size": 64,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "mlp_layer_types": ["dense", "sparse"],
+            "sliding_window": 4,
+            "global_attention_every_n_layers": 2,
+        },
+    ),
     "cohere_compass_text": (
         "CohereCompassTextConfig",
         "CohereCompassForCausalLM",
@@ -180,8 +196,9 @@ def assert_grads_close(actual, expected, rtol=1e-4):
         assert err < rtol, f"{name}: relative error {err:.2e}"
 
 
-# and GPT-2, whose class name gives no loss_type (transformers then uses the causal LM loss)
-@pytest.mark.parametrize("arch", [*ISSUE_ARCHS, "gpt2"])
+# and GPT-2, whose class name gives no loss_type (transformers then uses the causal LM loss), and
+# Ergo, whose lm_head is an nn.Linear subclass with a forward of its own (fp32 logits)
+@pytest.mark.parametrize("arch", [*ISSUE_ARCHS, "gpt2", "ergo"])
 def test_loss_and_gradients_match_published(arch, device):
     model = tiny_model(arch, device)
     ids, mask, labels = batch(device)

@@ -247,6 +247,24 @@ def _lora_operands(
     return torch.cat(xs, dim=-1), torch.cat(ws, dim=1), bias
 
 
+def _fp32_output_operands(
+    head: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    # Ergo's lm_head: both operands in one dtype (the weight's, or the input's), their product
+    # accumulated and returned in fp32, as the kernels compute it; never a bias
+    weight = _full(head.weight)
+    if head.cast_input_to_weight_dtype:
+        return x.to(weight.dtype), weight, None
+    return x, weight.to(x.dtype), None
+
+
+#: ``nn.Linear`` subclasses (by class name) whose own forward is ``x @ weight.T`` in fp32, and how
+#: to read their operands
+_LINEAR_HEADS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {
+    "ErgoLinearWithFP32Output": _fp32_output_operands,
+}
+
+
 def _head_operands(
     head: nn.Module, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -280,6 +298,8 @@ def _head_operands(
             f"lm_head is a {type(head).__name__} (a PEFT tuner other than LoRA); the fused TOFU "
             "loss supports nn.Linear, LoRA and modules_to_save heads"
         )
+    if isinstance(head, nn.Linear) and type(head).__name__ in _LINEAR_HEADS:
+        return _LINEAR_HEADS[type(head).__name__](head, x)
     if not _is_plain_linear(head):
         raise UnsupportedModelError(
             f"lm_head is a {type(head).__name__}; the fused TOFU loss needs an nn.Linear head "
