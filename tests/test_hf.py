@@ -139,6 +139,19 @@ ARCHS = {
             "global_attention_every_n_layers": 2,
         },
     ),
+    "dory": (  # lm_head: an nn.Linear subclass with a learned scale per vocabulary entry
+        "DoryConfig",
+        "DoryForCausalLM",
+        {
+            "head_dim": 8,
+            "num_hidden_layers": 3,
+            "n_input_layers": 1,
+            "n_recurrent_layers": 1,
+            "n_output_layers": 1,
+            "n_recurrent_loops": 1,
+            "sliding_window": 4,
+        },
+    ),
     "cohere_compass_text": (
         "CohereCompassTextConfig",
         "CohereCompassForCausalLM",
@@ -197,10 +210,14 @@ def assert_grads_close(actual, expected, rtol=1e-4):
 
 
 # and GPT-2, whose class name gives no loss_type (transformers then uses the causal LM loss), and
-# Ergo, whose lm_head is an nn.Linear subclass with a forward of its own (fp32 logits)
-@pytest.mark.parametrize("arch", [*ISSUE_ARCHS, "gpt2", "ergo"])
+# Ergo and Dory, whose lm_heads are nn.Linear subclasses with forwards of their own (fp32 logits;
+# a learned scale per vocabulary entry)
+@pytest.mark.parametrize("arch", [*ISSUE_ARCHS, "gpt2", "ergo", "dory"])
 def test_loss_and_gradients_match_published(arch, device):
     model = tiny_model(arch, device)
+    if arch == "dory":  # its scales start at 1: make them matter
+        with torch.no_grad():
+            model.lm_head.logit_scale.mul_(torch.rand_like(model.lm_head.logit_scale) + 0.5)
     ids, mask, labels = batch(device)
     ref, ref_logits = published(model, ids, mask, labels)
     ref.backward()

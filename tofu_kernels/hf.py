@@ -258,10 +258,21 @@ def _fp32_output_operands(
     return x, weight.to(x.dtype), None
 
 
-#: ``nn.Linear`` subclasses (by class name) whose own forward is ``x @ weight.T`` in fp32, and how
-#: to read their operands
+def _row_scaled_operands(
+    head: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    # Dory's lm_head: a learned scale per vocabulary entry on its logits, folded into the
+    # weight's rows (a (V, H) copy, as for LoRA); in bf16/fp16 one rounding more than its own
+    weight = _full(head.weight)
+    scale = _full(head.logit_scale).float() * head.logit_scale_factor
+    return x, weight * scale.to(weight.dtype)[:, None], None
+
+
+#: ``nn.Linear`` subclasses (by class name) with a forward of their own that is still a linear
+#: map of lm_head's input, and how to read its operands
 _LINEAR_HEADS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {
     "ErgoLinearWithFP32Output": _fp32_output_operands,
+    "DoryLMHead": _row_scaled_operands,
 }
 
 
@@ -863,7 +874,8 @@ def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> N
     if state.softcap is not None:
         expected = state.softcap * torch.tanh(expected / state.softcap)
     logits = out["logits"].float()
-    tol = 1e-4 if z.dtype in (torch.float32, torch.float64) else 3e-2
+    # by the operands' precision: some heads return fp32 logits of bf16 operands (Ergo, Dory)
+    tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 3e-2
     if not _close(z_fused, z.float(), tol):
         raise UnsupportedModelError(
             f"lm_head ({type(head).__name__}) does not compute hidden @ weight.T + bias as "
