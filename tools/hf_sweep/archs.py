@@ -32,12 +32,12 @@ class Arch:
     config_class: str
 
 
-def resolve(module_type: str, name: str) -> Any:
+def resolve(model_type: str, name: str) -> Any:
     """A transformers class by name: top-level export, else the model type's own modules."""
     obj = getattr(transformers, name, None)
     if obj is not None:
         return obj
-    short = model_type_to_module_name(module_type)
+    short = model_type_to_module_name(model_type)
     package = f"transformers.models.{short}"
     for module in (package, f"{package}.modeling_{short}", f"{package}.configuration_{short}"):
         try:
@@ -46,7 +46,7 @@ def resolve(module_type: str, name: str) -> Any:
             continue
         if obj is not None:
             return obj
-    raise ImportError(f"transformers has no {name} (model type {module_type!r})")
+    raise ImportError(f"transformers has no {name} (model type {model_type!r})")
 
 
 def _preferred(model_class: str, model_types: list[str]) -> str:
@@ -98,13 +98,18 @@ def is_moe(config: Any) -> bool:
 def moe_archs() -> tuple[str, ...]:
     """Model types whose default config is a MoE config (builds every default config once)."""
     moe = []
-    for arch in causal_lm_archs():
-        try:
-            config = resolve(arch.model_type, arch.config_class)()
-        except Exception:  # a config that cannot be built with defaults: not listed
-            continue
-        if is_moe(config):
-            moe.append(arch.model_type)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # default configs warn about their token ids
+    try:
+        for arch in causal_lm_archs():
+            try:
+                config = resolve(arch.model_type, arch.config_class)()
+            except Exception:  # a config that cannot be built with defaults: not listed
+                continue
+            if is_moe(config):
+                moe.append(arch.model_type)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     return tuple(moe)
 
 
