@@ -870,6 +870,41 @@ def test_models_whose_own_loss_differs_raise(device):
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=0)
 
 
+class HalfLossForCausalLM(transformers.LlamaForCausalLM):
+    """Returns its causal LM loss rounded to the logits' dtype (remote code often does)."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        if labels is not None:
+            out.loss = out.loss.to(out.logits.dtype)
+        return out
+
+
+def test_check_accepts_what_trains_right(device):
+    """The check refused models that train right: a trained LoRA adapter on lm_head in train mode
+    (its dropout ran while the check read the head), an fp32 model under bf16 autocast (bf16
+    logits checked at fp32 precision), bf16 logit heads with fp32 outputs, a loss in bf16."""
+    peft = pytest.importorskip("peft")
+    ids, mask, labels = batch(device)
+    cfg = peft.LoraConfig(r=4, target_modules=["lm_head"], lora_dropout=0.5,
+                          init_lora_weights=False)  # fmt: skip
+    model = peft.get_peft_model(tiny_model("llama", device), cfg).train()
+    apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
+    assert all(m.training for m in model.modules())  # as it was
+    model.eval()
+    ref, _ = published(model, ids, mask, labels)
+    torch.testing.assert_close(
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss, ref, rtol=1e-5, atol=0
+    )
+    model = tiny_model("llama", device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        apply_tofu_kernel(model, gamma=GAMMA, beta=BETA)
+    for arch in ("dory", "ergo"):
+        apply_tofu_kernel(tiny_model(arch, device, dtype=torch.bfloat16))
+    model = HalfLossForCausalLM(transformers.LlamaConfig(**COMMON)).to(device, torch.bfloat16)
+    apply_tofu_kernel(model)
+
+
 def test_tofu_loss_func(device):
     model = tiny_model("llama", device)
     ids, mask, labels = batch(device)

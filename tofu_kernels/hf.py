@@ -47,7 +47,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -520,11 +520,10 @@ def _aux_loss(model: nn.Module, out: Mapping[str, Any], loss: torch.Tensor) -> t
     aux = out.get("aux_loss")
     if aux is None:
         return loss
-    coef = None
-    for owner in (model, _text_config(model)):
-        for attr in ("router_aux_loss_coef", "aux_loss_coef"):  # aux_loss_coef: JetMoe's
-            if coef is None:
-                coef = getattr(owner, attr, None)
+    owners, names = (model, _text_config(model)), ("router_aux_loss_coef", "aux_loss_coef")
+    coef = next(  # aux_loss_coef: JetMoe's
+        (c for o in owners for a in names if (c := getattr(o, a, None)) is not None), None
+    )
     if coef is None:
         raise UnsupportedModelError(
             f"{type(model).__name__} returns aux_loss but has no router_aux_loss_coef (nor "
@@ -692,6 +691,9 @@ class _PatchedForward(functools.partial):
     def model(self) -> nn.Module:
         return self.args[0]
 
+    def __repr__(self) -> str:  # not the whole module tree
+        return f"<forward of {type(self.model).__name__}, patched by tofu_kernels>"
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args and args[0] is self.model:  # rebound as a method (accelerate's unwrap_model)
             args = args[1:]
@@ -808,37 +810,56 @@ def _input_device(lm: nn.Module) -> torch.device:
     return weight.device
 
 
-def _probe(
-    lm: nn.Module, original: Callable[..., Any], n: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Mapping[str, Any], torch.Tensor]:
-    """The check's two eval forwards of ``n`` tokens: lm_head's input and output and the model's
-    own loss with one label, at position 0; then its output with every token labelled."""
+@contextmanager
+def _eval_mode(lm: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout, LoRA's on lm_head included) without autograd; then as before."""
+    modes = {m: m.training for m in lm.modules()}
+    lm.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+class _Probe(NamedTuple):
+    z: torch.Tensor  # lm_head's output
+    z_fused: torch.Tensor  # the same from the operands the fused loss reads, in fp32
+    precise: bool  # the head's operands and output are all fp32 (or fp64)
+    first: Mapping[str, Any]  # the model's output with one label, at position 0
+    out: Mapping[str, Any]  # ... and with every token labelled
+    ids: torch.Tensor
+
+
+def _probe(lm: nn.Module, original: Callable[..., Any], n: int) -> _Probe:
+    """The check's two forwards of ``n`` tokens (call it in :func:`_eval_mode`)."""
     head = lm.get_output_embeddings()
     vocab = int(getattr(_text_config(lm), "vocab_size", 0) or 4)
     ids = (torch.arange(1, n + 1, device=_input_device(lm)) % vocab).unsqueeze(0)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     hook = head.register_forward_hook(lambda m, inp, out: seen.append((inp[0], out)))
-    modes = {m: m.training for m in lm.modules()}
-    lm.eval()
     try:
         # one label, at position 0: the causal LM loss shifts it out (no target: NaN or 0),
         # a loss that does not shift trains position 0 on it (finite, > 0)
         labels = torch.full_like(ids, -100)
         labels[0, 0] = ids[0, 0]
-        with torch.no_grad():
-            first = original(input_ids=ids, labels=labels, use_cache=False, return_dict=True)
-            if len(seen) != 1:
-                raise UnsupportedModelError(
-                    f"{type(lm).__name__} called lm_head {len(seen)} times in one forward; the "
-                    "fused TOFU loss needs exactly one lm_head(hidden_states) call"
-                )
-            out = original(input_ids=ids, labels=ids, use_cache=False, return_dict=True)
+        first = original(input_ids=ids, labels=labels, use_cache=False, return_dict=True)
+        if len(seen) != 1:
+            raise UnsupportedModelError(
+                f"{type(lm).__name__} called lm_head {len(seen)} times in one forward; the "
+                "fused TOFU loss needs exactly one lm_head(hidden_states) call"
+            )
+        out = original(input_ids=ids, labels=ids, use_cache=False, return_dict=True)
     finally:
         hook.remove()
-        for m, mode in modes.items():
-            m.training = mode
     x, z = seen[0]
-    return x, z, first.get("loss"), out, ids
+    # the hook saw lm_head's input before accelerate's hook moved it to lm_head's device
+    hidden, weight, bias = _head_operands(head, x.to(z.device))
+    with torch.autocast(z.device.type, enabled=False):  # as the kernels: no autocast
+        z_fused = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    precise = all(t.dtype in (torch.float32, torch.float64) for t in (hidden, weight, z))
+    return _Probe(z, z_fused, precise, first, out, ids)
 
 
 def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> None:
@@ -850,39 +871,36 @@ def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> N
     name = type(lm).__name__
     # xLSTM's kernels take whole chunks of tokens: a failed 4-token check is tried at one chunk
     chunk = getattr(_text_config(lm), "chunk_size", None)
-    sizes = (4, chunk) if type(chunk) is int and chunk > 4 else (4,)
-    for n in sizes:
-        try:
-            x, z, first_loss, out, ids = _probe(lm, original, n)
-            break
-        except (UnsupportedModelError, torch.OutOfMemoryError):
-            raise
-        except Exception as error:  # any failure of the model's own forward
-            failure = error
-    else:
+    failures: list[Exception] = []
+    with _eval_mode(lm):
+        for n in (4, chunk) if type(chunk) is int and chunk > 4 else (4,):
+            try:
+                probe = _probe(lm, original, n)
+                break
+            except (UnsupportedModelError, torch.OutOfMemoryError):
+                raise
+            except Exception as error:  # any failure of the model's own forward
+                failures.append(error)
+        else:
+            raise UnsupportedModelError(
+                f"{name}'s check forward (input_ids and labels alone, 4 tokens) failed: "
+                f"{type(failures[0]).__name__}: {failures[0]}. apply_tofu_kernel(..., "
+                "verify=False) patches without the check, if the model's logits are "
+                "softcap(scale * lm_head(hidden)) and its loss their causal LM cross-entropy"
+            ) from failures[0]
+    z, tol = probe.z.float(), 1e-4 if probe.precise else 3e-2
+    if not _close(probe.z_fused, z, tol):
         raise UnsupportedModelError(
-            f"{name}'s check forward (input_ids and labels alone, {sizes[-1]} tokens) failed: "
-            f"{type(failure).__name__}: {failure}. apply_tofu_kernel(..., verify=False) patches "
-            "without the check, if the model's logits are softcap(scale * lm_head(hidden)) and "
-            "its loss is the causal LM cross-entropy of them"
-        ) from failure
-    head = lm.get_output_embeddings()
-    hidden, weight, bias = _head_operands(head, x)
-    with torch.no_grad():
-        z_fused = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
-    expected = z.float() * (1.0 if state.scale is None else state.scale)
-    if state.softcap is not None:
-        expected = state.softcap * torch.tanh(expected / state.softcap)
-    logits = out["logits"].float()
-    # by the operands' precision: some heads return fp32 logits of bf16 operands (Ergo, Dory)
-    tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 3e-2
-    if not _close(z_fused, z.float(), tol):
-        raise UnsupportedModelError(
-            f"lm_head ({type(head).__name__}) does not compute hidden @ weight.T + bias as "
-            "apply_tofu_kernel reads it; its fused loss would be wrong"
+            f"lm_head ({type(lm.get_output_embeddings()).__name__}) does not compute "
+            "hidden @ weight.T + bias as apply_tofu_kernel reads it; its fused loss would be wrong"
         )
+    first_loss = probe.first.get("loss")
     if first_loss is not None and bool(torch.isfinite(first_loss) & (first_loss > 0)):
         raise UnsupportedModelError(_NO_SHIFT_MESSAGE.format(name=name))
+    expected = z * (1.0 if state.scale is None else state.scale)
+    if state.softcap is not None:
+        expected = state.softcap * torch.tanh(expected / state.softcap)
+    logits = probe.first["logits"].float()
     if logits.shape != expected.shape or not _close(logits, expected, tol):
         raise UnsupportedModelError(
             f"{name} (model_type={lm.config.model_type!r}) transforms lm_head's output in a way "
@@ -890,16 +908,25 @@ def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> N
             "fused TOFU loss would be wrong. Describe it with "
             "tofu_kernels.hf.register_head_spec(model_type, HeadSpec(...))."
         )
+    _verify_own_loss(lm, probe.out, probe.ids)
+
+
+def _verify_own_loss(lm: nn.Module, out: Mapping[str, Any], ids: torch.Tensor) -> None:
+    """The model's own loss with every token labelled: the causal LM cross-entropy of its logits
+    (plus its router loss), or refused."""
     own = out.get("loss")
     if own is None:
         return
+    # within a few roundings of the loss's own dtype (a bf16 loss: ~3%), 1e-4 in fp32
+    tol = 1e-4 if own.dtype in (torch.float32, torch.float64) else 4 * torch.finfo(own.dtype).eps
+    logits = out["logits"].float()
     own = own.float().to(logits.device)
     rows, targets = logits.reshape(-1, logits.shape[-1]), ids.reshape(-1).to(logits.device)
     causal = _aux_loss(lm, out, F.cross_entropy(rows[:-1], targets[1:]))
-    loss_tol = 1e-4 if own.dtype in (torch.float32, torch.float64) else 1e-3
-    if _close(own, causal, loss_tol):
+    if _close(own, causal, tol):
         return
-    if _close(own, _aux_loss(lm, out, F.cross_entropy(rows, targets)), loss_tol):
+    name = type(lm).__name__
+    if _close(own, _aux_loss(lm, out, F.cross_entropy(rows, targets)), tol):
         raise UnsupportedModelError(_NO_SHIFT_MESSAGE.format(name=name))
     raise UnsupportedModelError(
         f"{name}'s own loss ({float(own):.6g}) is not the causal LM cross-entropy of its logits "
