@@ -848,7 +848,12 @@ class NeedsImagesForCausalLM(transformers.LlamaForCausalLM):
 def test_models_whose_own_loss_differs_raise(device):
     """The check compares the model's own loss with the causal LM cross-entropy of its logits:
     a term of its own, or labels it does not shift, refuse the patch; so does a check forward
-    that fails (verify=False then patches it unchecked)."""
+    that fails or cannot run (meta device): verify=False then patches it unchecked."""
+    with torch.device("meta"):  # no forward to check: verify=False patches it
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON))
+    with pytest.raises(UnsupportedModelError, match="meta device"):
+        apply_tofu_kernel(model)
+    assert is_tofu_patched(apply_tofu_kernel(model, verify=False))
     model = ZLossForCausalLM(transformers.LlamaConfig(**COMMON)).to(device)
     with pytest.raises(UnsupportedModelError, match="adds a term of its own"):
         apply_tofu_kernel(model)

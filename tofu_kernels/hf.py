@@ -869,6 +869,11 @@ def _verify(lm: nn.Module, original: Callable[..., Any], state: _TOFUState) -> N
     Also resolves the head's operands, so an unsupported head fails here, not mid-training.
     """
     name = type(lm).__name__
+    if any(p.is_meta for p in lm.parameters()):
+        raise UnsupportedModelError(
+            f"{name} has parameters on the meta device: the check cannot run a forward; load the "
+            "weights first, or apply_tofu_kernel(..., verify=False) to patch it unchecked"
+        )
     # xLSTM's kernels take whole chunks of tokens: a failed 4-token check is tried at one chunk
     chunk = getattr(_text_config(lm), "chunk_size", None)
     failures: list[Exception] = []
