@@ -833,7 +833,10 @@ class _Probe(NamedTuple):
 
 
 def _probe(lm: nn.Module, original: Callable[..., Any], n: int) -> _Probe:
-    """The check's two forwards of ``n`` tokens (call it in :func:`_eval_mode`)."""
+    """The check's two forwards of ``n`` tokens (call it in :func:`_eval_mode`). The first tells
+    unshifted labels apart even where both cross-entropies are alike (near-uniform predictions of
+    a new model); the second compares the whole loss (an underflowed first loss, a term of its
+    own)."""
     head = lm.get_output_embeddings()
     vocab = int(getattr(_text_config(lm), "vocab_size", 0) or 4)
     ids = (torch.arange(1, n + 1, device=_input_device(lm)) % vocab).unsqueeze(0)
