@@ -823,6 +823,10 @@ def _eval_mode(lm: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+# dtypes whose check tolerance is 1e-4 (others: a few of their own roundings)
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
 class _Probe(NamedTuple):
     z: torch.Tensor  # lm_head's output
     z_fused: torch.Tensor  # the same from the operands the fused loss reads, in fp32
@@ -861,7 +865,7 @@ def _probe(lm: nn.Module, original: Callable[..., Any], n: int) -> _Probe:
     hidden, weight, bias = _head_operands(head, x.to(z.device))
     with torch.autocast(z.device.type, enabled=False):  # as the kernels: no autocast
         z_fused = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
-    precise = all(t.dtype in (torch.float32, torch.float64) for t in (hidden, weight, z))
+    precise = all(t.dtype in _FULL_PRECISION for t in (hidden, weight, z))
     return _Probe(z, z_fused, precise, first, out, ids)
 
 
@@ -926,7 +930,7 @@ def _verify_own_loss(lm: nn.Module, out: Mapping[str, Any], ids: torch.Tensor) -
     if own is None:
         return
     # within a few roundings of the loss's own dtype (a bf16 loss: ~3%), 1e-4 in fp32
-    tol = 1e-4 if own.dtype in (torch.float32, torch.float64) else 4 * torch.finfo(own.dtype).eps
+    tol = 1e-4 if own.dtype in _FULL_PRECISION else 4 * torch.finfo(own.dtype).eps
     logits = out["logits"].float()
     own = own.float().to(logits.device)
     rows, targets = logits.reshape(-1, logits.shape[-1]), ids.reshape(-1).to(logits.device)
