@@ -794,6 +794,26 @@ def test_fp16_weight_gradient_sums_do_not_overflow(device, impl):
     assert rel_err(w.grad, gw) < LINEAR_GRAD_RTOL[torch.float16], rel_err(w.grad, gw)
 
 
+# Every impl: the token-chunked ones (torch, chunked) store grad_hidden in forward at the logits'
+# gradient's headroom, where the bug was; the recompute impls store it at its own scale.
+@pytest.mark.parametrize("impl", ["torch", "chunked", "vocab_chunked", "fused"])
+def test_fp16_grad_hidden_of_a_large_weight_stays_finite(device, impl):
+    """The token-chunked impls store grad_hidden in forward at the logits' gradient's scale (its
+    peak near 2^8): a row's sum of that gradient times weight entries near 512 passed fp16's
+    65504 (inf) though the true gradient (~2e3 here) is far inside it. grad_hidden is now
+    stored over a power of two near the weight's largest entry, where that is over 1."""
+    n, hidden, vocab = 64, 32, 301
+    w = (torch.randn(vocab, hidden, device=device) * 512).half().requires_grad_(True)
+    x = (torch.randn(n, hidden, device=device) * 5e-4).half().requires_grad_(True)  # logits ~1.5
+    y = random_labels((n,), vocab, device, ignored=0.2)
+    go = torch.tensor(3.0, device=device)
+    fused_linear_tofu_loss(x, w, y, impl=impl, reduction="sum").backward(go)
+    _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, reduction="sum", grad_output=go)
+    assert 256 < gx.abs().max() < 2**13 and gw.abs().max() > 2**-8  # well inside fp16's range
+    assert rel_err(x.grad, gx) < LINEAR_GRAD_RTOL[torch.float16], rel_err(x.grad, gx)
+    assert rel_err(w.grad, gw) < LINEAR_GRAD_RTOL[torch.float16], rel_err(w.grad, gw)
+
+
 def test_fp16_chunked_stores_its_gradients_at_a_unit_scale(device):
     """The token-chunked impl makes mean/sum gradients in forward and scales them in backward:
     stored at a mean's 1/N, this small weight's grad_hidden (~3e-6) was rounded to fp16

@@ -137,9 +137,10 @@ def linear_tofu_fwd(
     all 1 but in fp16). In fp16 the logits' gradient is formed with ``grad_scale`` over a power
     of two near its largest entry, times :func:`~tofu_kernels.utils.headroom`: fp16 has a narrow
     range, and at a mean's 1/N most of its entries would be subnormals or zeros. In fp16,
-    ``grad_weight`` and
-    ``grad_bias``, sums over N rows, are stored over a power of two near their largest entry
-    (fp32 accumulator) or near N (fp16 accumulator, by :func:`rows_gain`).
+    ``grad_hidden`` is stored over a power of two near the weight's largest entry too (where
+    that passes 1), and ``grad_weight`` and ``grad_bias``, sums over N rows, over a power of
+    two near their largest entry (fp32 accumulator) or near N (fp16 accumulator, by
+    :func:`rows_gain`).
     """
     tofu = params.tofu
     n, h = hidden.shape
@@ -192,6 +193,13 @@ def linear_tofu_fwd(
     # rounding errors moved onto their targets' weight rows (utils.cancel_rounding)
     half = dtype in HALF_DTYPES
     err = torch.empty(m, dtype=torch.float32, device=device) if half and need_grad_hidden else None
+    # fp16 grad_hidden is stored at the logits' gradient's scale (its rows' absolute sums up to
+    # ~2.6 times the headroom), times the weight: over a power of two near the weight's largest
+    # entry where that passes 1, or weights of a few hundred would overflow 65504
+    norm_h = norm
+    if need_grad_hidden and half_range(dtype) and m:
+        lo, hi = torch.aminmax(weight)  # no (V, H) temporary, as abs() would make
+        norm_h = norm * pow2_near(torch.maximum(-lo, hi).float().clamp(min=1).reshape(1))
     for s in range(0, m, chunk):
         e = min(m, s + chunk)
         x = hidden[s:e]
@@ -210,6 +218,8 @@ def linear_tofu_fwd(
         elif g_hidden is not None:
             gh = mm_fp32(g, weight)
             cancel_rounding(gh, err[s:e], weight, labels[s:e])
+            if norm_h is not norm:
+                gh.mul_(norm / norm_h)
             g_hidden[s:e] = gh
         if g_weight is not None:
             accumulate(g_weight, g.t(), x, alpha)
@@ -227,7 +237,7 @@ def linear_tofu_fwd(
             )
     g_weight, norm_w = _stored(g_weight, weight.dtype, norm / alpha)
     g_bias, norm_b = _stored(g_bias, bias.dtype if bias is not None else dtype, norm / alpha)
-    return loss, stats, g_hidden, g_weight, g_bias, torch.cat([norm, norm_w, norm_b])
+    return loss, stats, g_hidden, g_weight, g_bias, torch.cat([norm_h, norm_w, norm_b])
 
 
 def _stored(
