@@ -127,23 +127,44 @@ def test_all_rows_ignored(device):
 
 
 def test_filtering_drops_exactly_the_small_rows(device):
-    """Rows whose weight g * |scale| is under the threshold add exactly nothing; the others are
-    exact, because every tile they share a block with has entries above the threshold."""
+    """Rows whose largest entry g (1 - q_y) |scale| is under the threshold add exactly nothing;
+    the others are exact, because every tile they share a block with has entries above it."""
     x, w, b, y = make_inputs((40,), 48, 300, torch.float32, device, bias=True, ignored=0.0)
     confident = torch.arange(40, device=device) % 2 == 0
     x[confident] = 2.5 * w[y[confident]]  # the target's own direction: a margin of ~20 logits
     params = fused_mod.TOFUParams()
     _, _, rowterms = fused_mod.fused_tofu_fwd(x, w, y, b, params)
     scale = torch.ones(1, device=device)
-    g = rowterms[3]
+    top = rowterms[2].abs()  # g (1 - q_y): the target entry, a row's largest
     eps = 1e-6
-    light = g <= eps * g.max()
-    assert light.any() and (~light).any() and (g[light] > 0).any()  # light, not exactly zero
+    light = top <= eps * top.max()
+    assert light.any() and (~light).any() and (top[light] > 0).any()  # light, not exactly zero
     needs = (True, True, False)
     exact = fused_mod.fused_tofu_bwd(x, w, y, b, rowterms, scale, params, needs, 0.0)[0]
     kept = fused_mod.fused_tofu_bwd(x, w, y, b, rowterms, scale, params, needs, eps)[0]
     assert (kept[light] == 0).all() and (exact[light] != 0).any()
     torch.testing.assert_close(kept[~light], exact[~light], rtol=1e-6, atol=0)
+
+
+# bf16 and fp16 (filtering's default is on for both; fp16 also scales by the same bound)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_filtering_of_a_batch_confident_under_the_tempered_softmax(device, dtype):
+    """Every token's target leads by 8 logits (1 - p ~ 3e-4), and beta = 0.5 squares that for
+    the tempered softmax q (1 - q_y ~ 1e-7): every gradient entry is under 2^-12 of the focal
+    weight g = 1 (gamma 0), which filtering took as its reference and so dropped the whole
+    gradient. It now filters against the largest entry, g (1 - q_y) |scale|."""
+    n, vocab, hidden = 64, 512, 16
+    codes = torch.randperm(2**hidden, device=device)[:vocab]  # distinct +-1 weight rows
+    w = (((codes[:, None] >> torch.arange(hidden, device=device)) & 1) * 2 - 1).to(dtype)
+    y = torch.randint(0, vocab, (n,), device=device)
+    x = w[y] * 4  # logits: 64 for the target, at most 56 for any other row
+    go = torch.tensor(2.0**16 if dtype == torch.float16 else 1.0, device=device)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w)]
+    loss = fused_linear_tofu_loss(*leaves, y, gamma=0.0, beta=0.5, impl="fused")
+    loss.backward(go)
+    ref = linear_oracle(x, w, y, gamma=0.0, beta=0.5, grad_output=go)
+    assert ref[1].abs().max() > 2 * torch.finfo(dtype).tiny  # in the dtype's normal range
+    compare(x, w, None, y, [loss.detach(), *(t.grad for t in leaves), None], ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -35,7 +35,7 @@ from tofu_kernels.utils import (
     check_backward,
     half_range,
     interpreting,
-    max_row_weight,
+    max_grad_entry,
     normalized_grad_scale,
     reduce_loss,
     reduction_scale,
@@ -120,9 +120,9 @@ ROW_ALIGN = 256  # likewise for the backward's grad_hidden token slabs and BLOCK
 # grad_hidden sums V / BLOCK_V tile products per element: in bf16 that is ~0.1 off at the Llama
 # head (bench/accum_precision.py), so it sums in fp32, in token slabs of this many elements.
 GX_SLAB_ELEMS = 2**23
-# Gradient filtering: skip rows whose weight g * |scale| (a bound on each of their gradient
-# entries) is below this fraction of the batch's largest, and vocabulary tiles whose entries all
-# are below it divided by V (2^-12: under bf16/fp16 resolution of a sum that holds the largest).
+# Gradient filtering: skip rows whose largest gradient entry |g (1 - q_y) scale| is below this
+# fraction of the batch's largest, and vocabulary tiles whose entries all are below it divided
+# by V (2^-12: under bf16/fp16 resolution of a sum that holds the largest).
 FILTER_EPS_HALF = 2.0**-12
 
 
@@ -370,9 +370,9 @@ def _fused_merge_kernel(
 @triton.jit
 def _fused_bwd_kernel(
     # pointers: hidden, weight, bias, labels; per-row terms (4, N); grad scale (1 or N);
-    # the batch's largest row weight (1,); gradient accumulators: fp32 (N, H), fp32 or the
-    # weight's dtype (V, H), fp32 (V,); the rows' sums of the rounding errors of the tiles that
-    # grad_hidden sums, fp32 (N,); all contiguous
+    # the largest entry of the logits' gradient (1,); gradient accumulators: fp32 (N, H), fp32
+    # or the weight's dtype (V, H), fp32 (V,); the rows' sums of the rounding errors of the
+    # tiles that grad_hidden sums, fp32 (N,); all contiguous
     x_ptr, w_ptr, b_ptr, labels_ptr, rowterm_ptr, scale_ptr, wmax_ptr, gx_ptr, gw_ptr, gb_ptr,
     err_ptr,
     # with TMA_REDUCE, tensor descriptors of the grad_hidden and grad_weight accumulators, in
@@ -401,16 +401,13 @@ def _fused_bwd_kernel(
     scale = tl.load(scale_ptr + rows * stride_scale, mask=row_mask, other=0.0)
     coef = tl.load(rowterm_ptr + stride_rt + rows, mask=row_mask, other=0.0) * scale
     target = tl.load(rowterm_ptr + 2 * stride_rt + rows, mask=row_mask, other=0.0) * scale
-    # Every |dz| entry of a row is at most its weight g * |scale|: rows at or under the threshold
-    # (ignored rows; with filtering, confident ones) add nothing, and a block of such rows is
-    # skipped before its GEMMs.
-    row_weight = tl.load(rowterm_ptr + 3 * stride_rt + rows, mask=row_mask, other=0.0) * tl.abs(
-        scale
-    )
-    keep = row_weight > filter_eps * tl.load(wmax_ptr)
+    # Every |dz| entry of a row is at most its target entry's, g (1 - q_y) |scale|: rows at or
+    # under the threshold (ignored rows; with filtering, confident ones) add nothing, and a
+    # block of such rows is skipped before its GEMMs.
+    threshold = filter_eps * tl.load(wmax_ptr)
+    keep = tl.abs(target) > threshold
     coef = tl.where(keep, coef, 0.0)
     target = tl.where(keep, target, 0.0)
-    threshold = filter_eps * tl.load(wmax_ptr)
     if tl.max(keep.to(tl.int32), axis=0) > 0:
         z = _logits_tile(
             x_ptr, w_ptr, b_ptr, rows64, cols64, row_mask, col_mask, H, stride_xn, stride_wv,
@@ -681,7 +678,7 @@ def fused_tofu_bwd(
         if half_range(hidden.dtype):
             grad_scale, wmax, norm = normalized_grad_scale(rowterms, grad_scale, hidden.dtype)
         else:
-            wmax = max_row_weight(rowterms, grad_scale)  # the filtering's reference
+            wmax = max_grad_entry(rowterms, grad_scale)  # the filtering's reference
         gain = rows_gain(n, w_acc)  # 1 unless the accumulator is fp16
         kernel, cfg = _launcher(
             _fused_bwd_kernel, BWD_CONFIGS, TUNE_BWD, hidden,

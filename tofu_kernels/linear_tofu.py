@@ -486,8 +486,8 @@ def fused_linear_tofu_loss(
         drop_ignored: run only valid tokens through the GEMMs. Default: on for CPU tensors; on a
             GPU it needs one host-device sync (the number of valid tokens), so it is opt-in there.
         filter_eps: ``impl="fused"`` only: skip gradient work whose every entry is at most
-            ``filter_eps`` times the batch's largest focal weight ``g * |scale|`` (confident
-            tokens, far-off vocabulary tiles). None: ``2**-12`` for bf16/fp16, exact zeros only for
+            ``filter_eps`` times the largest entry of the logits' gradient (confident tokens,
+            far-off vocabulary tiles). None: ``2**-12`` for bf16/fp16, exact zeros only for
             fp32; 0 disables it.
         process_group: vocabulary parallel. ``weight`` (and ``bias``) are then this rank's
             contiguous shard of the vocabulary (shards in rank order, any sizes), ``labels`` hold
