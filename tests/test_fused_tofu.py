@@ -275,6 +275,31 @@ def test_launch_config_per_capability():
     assert not any("FP32" in c for c in [*fp32.values(), small_bwd, hopper_bwd])
 
 
+# every key of the tables, a minor version without one, and a major above them
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0), (12, 1)])
+def test_forward_and_backward_sum_over_the_same_k_blocks(capability):
+    """The backward recomputes the forward's logits: with the same BLOCK_K it sums their
+    products in the same blocks (the interpreter sums a block, then adds it)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        fwd = fused_mod.fused_config(fused_mod.FWD_CONFIGS, capability, dtype)
+        bwd = fused_mod.fused_config(fused_mod.BWD_CONFIGS, capability, dtype)
+        assert fwd["BLOCK_K"] == bwd["BLOCK_K"], dtype
+
+
+def test_fp32_recomputed_logits_match_the_forward(device):
+    """fp32 logits ~100 apart at beta 0.3 (exp(z / beta) spans ~e^330): a recomputed logit one
+    rounding away from the forward's moves its softmax entry by ~1e-5 relative, and each row's
+    largest entry no longer cancels against its target's (from the forward's sums). With the
+    backward's BLOCK_K 16 and the forward's 32 the interpreter's gradients were 2e-5 off."""
+    x = torch.randn(40, 100, device=device)
+    w = torch.randn(300, 100, device=device) * 3.0
+    y = torch.randint(0, 300, (40,), device=device)
+    assert (x @ w.T).abs().max() > 60
+    grads = run(x, w, None, y, gamma=1.0, beta=0.3)
+    ref = linear_oracle(x, w, y, gamma=1.0, beta=0.3)
+    compare(x, w, None, y, grads, ref, torch.float32)
+
+
 @pytest.mark.parametrize("group_n", [1, 2])
 def test_grouped_program_order(device, monkeypatch, group_n):
     """Groups of 1 and 2 token blocks over 2.3 blocks (a short last group), with 2 splits in

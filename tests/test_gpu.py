@@ -241,9 +241,10 @@ def test_inductor_fullgraph_matches_eager(impl):
 
 
 def test_fused_fp32_with_bias_and_softcap_against_oracle():
-    """fp32 inputs (IEEE dots on CUDA cores) through the GPU compiler: the fused backward's fp32
-    launch config is its own (BWD_CONFIGS' "FP32", chosen where ptxas keeps its registers),
-    which no other GPU test runs. An odd vocabulary, bias and softcap."""
+    """fp32 inputs (IEEE dots on CUDA cores) through the GPU compiler: the fused kernels' fp32
+    launch configs are their own (the tables' "FP32": the backward's where ptxas keeps its
+    registers, the forward's BLOCK_K the same), which no other GPU test runs. An odd
+    vocabulary, bias and softcap."""
     f32 = torch.float32
     x, w, b, y = make_inputs((1024,), 1024, 32003, f32, "cuda", bias=True)
     for t in (x, w, b):

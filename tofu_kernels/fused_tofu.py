@@ -54,9 +54,10 @@ from tofu_kernels.utils import (
 # 16 grad_hidden and ~16 grad_weight blocks instead of piling them on one.
 GROUP_ROWS = 2048
 FWD_CONFIGS = {
-    9: dict(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, GROUP_N=32, num_warps=8, num_stages=3),
+    9: dict(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, GROUP_N=32, num_warps=8, num_stages=3,
+            FP32=dict(BLOCK_K=16)),
     8: dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, GROUP_N=32, num_warps=8, num_stages=3),
-}
+}  # fmt: skip
 # An entry's "FP32" overrides its keys for fp32 inputs (default: half the BLOCK_K, since fp32
 # tiles take twice the bytes). The fp32 backward (IEEE dots on CUDA cores) is where ptxas can
 # give up on registers: for sm_90 it gave BLOCK_K 32 with 3 stages 32 registers and 23 KB of
@@ -77,7 +78,12 @@ _SMALL_SHARED_BWD = {
     **BWD_CONFIGS[8], "num_stages": 2, "FP32": dict(BLOCK_K=16, num_warps=4),
 }  # fmt: skip
 BWD_CONFIGS.update({(8, 6): _SMALL_SHARED_BWD, (8, 9): _SMALL_SHARED_BWD, 12: _SMALL_SHARED_BWD})
-FWD_CONFIGS[12] = FWD_CONFIGS[8]
+# The forward takes the backward's BLOCK_K, fp32 too (hence the FP32 entries): the backward's
+# recomputed logits then sum their products as the forward's did (the interpreter sums each K
+# block, then adds it to the tile), so they match the row max and sums the forward kept bit for
+# bit. Under the interpreter, fp32 logits ~100 apart at beta 0.3 were 2e-5 off otherwise.
+_SMALL_SHARED_FWD = {**FWD_CONFIGS[8], "FP32": dict(BLOCK_K=16)}
+FWD_CONFIGS.update({(8, 6): _SMALL_SHARED_FWD, (8, 9): _SMALL_SHARED_FWD, 12: _SMALL_SHARED_FWD})
 FWD_CONFIG, BWD_CONFIG = FWD_CONFIGS[9], BWD_CONFIGS[9]  # elsewhere (and the interpreter)
 # Opt-in autotuning (TOFU_AUTOTUNE=1): these candidates are timed once per (H, V, dtypes), as
 # they are for every dtype (fp32 too: the tables' FP32 overrides do not apply).
@@ -91,7 +97,8 @@ TUNE_FWD = [
 ]  # fmt: skip
 # ...and the default without groups (token blocks fastest over the whole grid), to measure them
 UNGROUPED = 1 << 16
-TUNE_FWD.append({**FWD_CONFIGS[9], "GROUP_N": UNGROUPED})
+_HOPPER_FWD = {k: v for k, v in FWD_CONFIGS[9].items() if k != "FP32"}  # a candidate's keys
+TUNE_FWD.append({**_HOPPER_FWD, "GROUP_N": UNGROUPED})
 # The larger tiles first (bench/tune_fused.py's budget reaches them): they cut the backward's
 # atomic traffic by a third (bench/NOTES.md). With BLOCK_K 64 and 3 stages they took 272 KiB of
 # shared memory and failed on an H100; they fit sm_90 with 2 stages (224 KiB) or with BLOCK_K 32
