@@ -488,7 +488,9 @@ def fused_linear_tofu_loss(
         filter_eps: ``impl="fused"`` only: skip gradient work whose every entry is at most
             ``filter_eps`` times the largest entry of the logits' gradient (confident tokens,
             far-off vocabulary tiles). None: ``2**-12`` for bf16/fp16, exact zeros only for
-            fp32; 0 disables it.
+            fp32; 0 disables it. That reference leaves out softcap's factor ``1 - tanh^2``:
+            where every large entry's logit is saturated (beyond ~4 softcaps before the cap),
+            the whole gradient may fall under it; pass 0 there.
         process_group: vocabulary parallel. ``weight`` (and ``bias``) are then this rank's
             contiguous shard of the vocabulary (shards in rank order, any sizes), ``labels`` hold
             global ids, and ``hidden`` is the same on every rank. Every rank gets the global
