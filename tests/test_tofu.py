@@ -158,6 +158,11 @@ def test_oracle_non_contiguous_and_3d(device):
     check(device, logits=wide[..., :127])  # padded rows: row stride > V, not viewable as 2-D
     check(device, logits=wide.transpose(0, 1)[..., 3:130])
     check(device, logits=random_logits((3, 4, 127), torch.bfloat16, device), reduction="none")
+    # one class, transposed from (1, 7): a size-1 dimension's stride is anything (here 7) and
+    # contiguous() leaves it so; the kernel's unit-stride check raised on it
+    one = random_logits((1, 7), torch.float32, device).t()
+    assert one.stride(-1) == 7 and one.is_contiguous()
+    check(device, logits=one)
     # a strided 1-D view of labels (every other column of a (N, 2) tensor)
     labels = random_labels((10, 2), 127, device, ignored=0.3)[:, 0]
     assert labels.stride() == (2,)

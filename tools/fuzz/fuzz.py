@@ -1,0 +1,193 @@
+"""Random cases of tofu_loss / fused_linear_tofu_loss against the float64 oracle.
+
+Each seed draws one case: dtype, impl, shape, reduction, gamma, beta, softcap, ignored rows,
+bias, chunking, accumulator, the logits' spread and the upstream gradient's size (far wider
+ranges than the test grid's). A case that misses the test suite's tolerances, or raises,
+prints one JSON line. See README.md.
+
+    PYTHONPATH=. python tools/fuzz/fuzz.py --op linear --seeds 0:200 --out /tmp/fz.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import torch  # noqa: E402
+
+from helpers import (  # noqa: E402
+    GRAD_RTOL,
+    LINEAR_GRAD_RTOL,
+    LINEAR_LOSS_RTOL,
+    LOSS_RTOL,
+    linear_oracle,
+    oracle,
+    random_labels,
+    row_factors,
+)
+from tofu_kernels import fused_linear_tofu_loss, tofu_loss  # noqa: E402
+from tofu_kernels.reference import reduce_rows, tofu_rows  # noqa: E402
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GAMMAS = (0.0, 0.5, 1.0, 3.0, 7.0)
+BETAS = (0.3, 0.8, 1.0, 2.0)
+SOFTCAPS = (None, None, 5.0, 30.0)
+IGNORED = (0.0, 0.3, 1.0)
+
+
+def upstream_scale(r: random.Random, dtype: torch.dtype) -> float:
+    """fp16: 1e-6 to 1e4 (loss scaling); the others: 1e-30 to 1e8."""
+    return 10 ** (r.uniform(-6, 4) if dtype == torch.float16 else r.uniform(-30, 8))
+
+
+def rel(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(largest error over the largest |expected|, that largest |expected|)."""
+    expected = expected.double()
+    peak = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
+    return err / max(peak, 1e-30), peak
+
+
+def representable(peak: float, dtype: torch.dtype) -> bool:
+    """Whether a result of this size has the dtype's digits: not near overflow, not subnormal."""
+    info = torch.finfo(dtype)
+    return peak == 0 or info.tiny * 1e3 < peak < info.max / 4
+
+
+def rounded_linear_oracle(x, w, b, y, go, kw, dtype):
+    """The oracle on logits rounded to ``dtype``: what a logits buffer in the inputs' dtype (the
+    chunked impls', as a materialized head's) cannot avoid, ~|z| * 2^-9 in bf16."""
+    x64, w64 = x.detach().double(), w.detach().double()
+    z = x64 @ w64.T + (b.detach().double() if b is not None else 0.0)
+    z = z.to(dtype).double()
+    rows, _, g = tofu_rows(z, y, kw["gamma"], kw["beta"], -100, kw["softcap"], True)
+    loss = reduce_rows(rows, y, -100, kw["reduction"], None)
+    g = g * row_factors(go, y, -100, kw["reduction"], None)[:, None]
+    return loss, g @ w64, g.T @ x64, g.sum(0)
+
+
+def linear_case(r: random.Random) -> tuple[dict, list | None]:
+    """One case of ``fused_linear_tofu_loss``: (its description, its failures or None where
+    the drawn inputs are not finite in their dtype)."""
+    dtype = r.choice(DTYPES)
+    impl = r.choice(["torch", "chunked", "vocab_chunked", "fused"])
+    n, h, v = r.choice([1, 2, 7, 33, 64, 130]), r.choice([1, 3, 16, 33]), r.choice([1, 17, 301])
+    kw = dict(reduction=r.choice(["mean", "sum", "none"]), gamma=r.choice(GAMMAS),
+              beta=r.choice(BETAS), softcap=r.choice(SOFTCAPS))  # fmt: skip
+    bias, ignored = r.random() < 0.3, r.choice(IGNORED)
+    xs, zs = 10 ** r.uniform(-3, 2), 10 ** r.uniform(-1, 3)  # hidden's size, the logits' spread
+    ws = zs / (xs * math.sqrt(h))
+    opts = dict(impl=impl, accum_dtype=r.choice([torch.float32, None]))
+    chunk = r.choice([None, None, 5, 64])
+    if chunk is not None and impl != "fused":
+        opts["chunk_size"] = max(chunk, 16) if impl == "vocab_chunked" else chunk
+    if impl in ("fused", "vocab_chunked") and dtype == torch.float32:
+        opts["accum_dtype"] = torch.float32  # what these impls take for fp32
+    go_scale = upstream_scale(r, dtype)
+    case = dict(op="linear", dtype=str(dtype), n=n, h=h, v=v, bias=bias, ignored=ignored, xs=xs,
+                zs=zs, go=go_scale, **kw, **{k: str(o) for k, o in opts.items()})  # fmt: skip
+
+    x = (torch.randn(n, h) * xs).to(dtype).requires_grad_(True)
+    w = (torch.randn(v, h) * ws).to(dtype).requires_grad_(True)
+    b = (torch.randn(v) * zs).to(dtype).requires_grad_(True) if bias else None
+    if not all(torch.isfinite(t).all() for t in (x, w) + ((b,) if bias else ())):
+        return case, None  # weights past fp16's range: not a case
+    y = random_labels((n,), v, "cpu", ignored)
+    loss = fused_linear_tofu_loss(x, w, y, bias=b, **kw, **opts)
+    go = torch.randn_like(loss) * go_scale
+    loss.backward(go)
+    if impl != "fused" and dtype != torch.float32:
+        ref = rounded_linear_oracle(x, w, b, y, go, kw, dtype)
+    else:
+        ref = linear_oracle(x, w, y, bias=b, grad_output=go, **kw)
+    bad = check([("loss", loss.detach(), ref[0], LINEAR_LOSS_RTOL[dtype])], dtype)
+    leaves = (("hidden", x, ref[1]), ("weight", w, ref[2]), ("bias", b, ref[3]))
+    pairs = [
+        (name, t.grad, want, LINEAR_GRAD_RTOL[dtype]) for name, t, want in leaves if t is not None
+    ]
+    return case, bad + check(pairs, dtype)
+
+
+def rows_case(r: random.Random) -> tuple[dict, list | None]:
+    """One case of ``tofu_loss``, as :func:`linear_case`."""
+    dtype = r.choice(DTYPES)
+    shape = r.choice([(1,), (7,), (3, 5), (2, 3, 4)])
+    v = r.choice([1, 2, 17, 300, 1025, 5000])
+    kw = dict(reduction=r.choice(["mean", "sum", "none"]), gamma=r.choice(GAMMAS),
+              beta=r.choice(BETAS), softcap=r.choice(SOFTCAPS),
+              num_items_in_batch=r.choice([None, None, 3, 100.5]))  # fmt: skip
+    impl, ignored, strided = r.choice(["triton", "torch"]), r.choice(IGNORED), r.random() < 0.3
+    zs = 10 ** r.uniform(-2, 3.5 if dtype == torch.float16 else 3)
+    go_scale = upstream_scale(r, dtype)
+    case = dict(op="rows", dtype=str(dtype), impl=impl, shape=shape, v=v, ignored=ignored,
+                strided=strided, zs=zs, go=go_scale, **kw)  # fmt: skip
+
+    full = torch.randn(*shape, v * (2 if strided else 1)) * zs
+    z = (full[..., ::2] if strided else full).to(dtype).requires_grad_(True)
+    if not torch.isfinite(z).all():
+        return case, None  # logits past fp16's range: not a case
+    y = random_labels(shape, v, "cpu", ignored)
+    loss = tofu_loss(z, y, impl=impl, **kw)
+    go = torch.randn_like(loss) * go_scale
+    loss.backward(go)
+    ref_loss, ref_grad = oracle(z, y, grad_output=go, **kw)
+    pairs = [("loss", loss.detach(), ref_loss, LOSS_RTOL[dtype]),
+             ("logits", z.grad, ref_grad, GRAD_RTOL[dtype])]  # fmt: skip
+    return case, check(pairs, dtype)
+
+
+def check(pairs: list, dtype: torch.dtype) -> list:
+    """[(name, error, peak)] for results off by more than their tolerance (or not finite), where
+    the expected result is representable in ``dtype``."""
+    bad = []
+    for name, got, want, tol in pairs:
+        err, peak = rel(got, want)
+        finite = bool(torch.isfinite(got).all())
+        if (not finite or err > tol) and (name == "loss" or representable(peak, dtype)):
+            bad.append((name, err if finite else "non-finite", peak))
+    return bad
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--op", choices=["linear", "rows"], default="linear")
+    parser.add_argument("--seeds", default="0:100", help="START:STOP")
+    parser.add_argument("--out", type=Path, help="append failures here too (JSON lines)")
+    args = parser.parse_args()
+    start, stop = (int(s) for s in args.seeds.split(":"))
+    warnings.filterwarnings("ignore")  # the interpreter's NumPy warnings on masked lanes
+    run = linear_case if args.op == "linear" else rows_case
+    failures = skipped = 0
+    for seed in range(start, stop):
+        r = random.Random(seed)
+        torch.manual_seed(seed)
+        try:
+            case, bad = run(r)
+            skipped += bad is None
+            record = dict(case, seed=seed, bad=bad) if bad else None
+        except Exception as exc:  # a crash is a finding too
+            record = dict(op=args.op, seed=seed, error=repr(exc)[:500])
+        if record is not None:
+            failures += 1
+            line = json.dumps(record)
+            print(line, flush=True)
+            if args.out is not None:
+                with args.out.open("a") as f:
+                    f.write(line + "\n")
+    cases = stop - start - skipped
+    print(f"{args.op}: {cases} cases, {failures} failed ({skipped} seeds drew non-finite inputs)",
+          file=sys.stderr)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
