@@ -43,7 +43,8 @@ def run(x, w, b, y, train=(True, True, True), **kwargs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_token_blocks_vocab_splits_and_k_steps(device, dtype):
-    """N spans 3 token blocks (last one partial), V several tiles and splits, H two K steps."""
+    """N spans 3 token blocks (last one partial), V several tiles and splits, H two K steps
+    (bf16; five in fp32, whose BLOCK_K is smaller)."""
     cfg = fused_mod.FWD_CONFIG
     n = 2 * cfg["BLOCK_N"] + 22
     h = cfg["BLOCK_K"] + 6

@@ -800,7 +800,7 @@ def test_fp16_weight_gradient_sums_do_not_overflow(device, impl):
 def test_fp16_grad_hidden_of_a_large_weight_stays_finite(device, impl):
     """The token-chunked impls store grad_hidden in forward at the logits' gradient's scale (its
     peak near 2^8): a row's sum of that gradient times weight entries near 512 passed fp16's
-    65504 (inf) though the true gradient (~2e3 here) is far inside it. grad_hidden is now
+    65504 (inf) though the true gradient (~6e3 here) is far inside it. grad_hidden is now
     stored over a power of two near the weight's largest entry, where that is over 1."""
     n, hidden, vocab = 64, 32, 301
     w = (torch.randn(vocab, hidden, device=device) * 512).half().requires_grad_(True)
@@ -809,7 +809,7 @@ def test_fp16_grad_hidden_of_a_large_weight_stays_finite(device, impl):
     go = torch.tensor(3.0, device=device)
     fused_linear_tofu_loss(x, w, y, impl=impl, reduction="sum").backward(go)
     _, gx, gw, _ = linear_oracle(x, w, y, gamma=3.0, beta=0.8, reduction="sum", grad_output=go)
-    assert 256 < gx.abs().max() < 2**13 and gw.abs().max() > 2**-8  # well inside fp16's range
+    assert 256 < gx.abs().max() < 2**14 and gw.abs().max() > 2**-8  # well inside fp16's range
     assert rel_err(x.grad, gx) < LINEAR_GRAD_RTOL[torch.float16], rel_err(x.grad, gx)
     assert rel_err(w.grad, gw) < LINEAR_GRAD_RTOL[torch.float16], rel_err(w.grad, gw)
 

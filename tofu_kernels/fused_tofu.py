@@ -82,6 +82,7 @@ BWD_CONFIGS.update({(8, 6): _SMALL_SHARED_BWD, (8, 9): _SMALL_SHARED_BWD, 12: _S
 # recomputed logits then sum their products as the forward's did (the interpreter sums each K
 # block, then adds it to the tile), so they match the row max and sums the forward kept bit for
 # bit. Under the interpreter, fp32 logits ~100 apart at beta 0.3 were 2e-5 off otherwise.
+# (Autotuning, opt-in, picks the two kernels' configs independently.)
 _SMALL_SHARED_FWD = {**FWD_CONFIGS[8], "FP32": dict(BLOCK_K=16)}
 FWD_CONFIGS.update({(8, 6): _SMALL_SHARED_FWD, (8, 9): _SMALL_SHARED_FWD, 12: _SMALL_SHARED_FWD})
 FWD_CONFIG, BWD_CONFIG = FWD_CONFIGS[9], BWD_CONFIGS[9]  # elsewhere (and the interpreter)

@@ -193,13 +193,15 @@ def linear_tofu_fwd(
     # rounding errors moved onto their targets' weight rows (utils.cancel_rounding)
     half = dtype in HALF_DTYPES
     err = torch.empty(m, dtype=torch.float32, device=device) if half and need_grad_hidden else None
-    # fp16 grad_hidden is stored at the logits' gradient's scale (its rows' absolute sums up to
-    # ~2.6 times the headroom), times the weight: over a power of two near the weight's largest
-    # entry where that passes 1, or weights of a few hundred would overflow 65504
-    norm_h = norm
+    # fp16 grad_hidden is stored at the logits' gradient's scale (a row's absolute sum is up to
+    # 2 g sqrt(2) times the headroom, ~3.7 of it at gamma 3), times the weight: over a power of
+    # two near the weight's largest entry where that passes 1 (then under 1024 g), or weights
+    # of a few hundred would overflow 65504. One outlier entry shrinks every row alike.
+    norm_h, shrink = norm, None
     if need_grad_hidden and half_range(dtype) and m:
         lo, hi = torch.aminmax(weight)  # no (V, H) temporary, as abs() would make
-        norm_h = norm * pow2_near(torch.maximum(-lo, hi).float().clamp(min=1).reshape(1))
+        shrink = pow2_near(torch.maximum(-lo, hi).float().clamp(min=1).reshape(1)).reciprocal()
+        norm_h = norm / shrink
     for s in range(0, m, chunk):
         e = min(m, s + chunk)
         x = hidden[s:e]
@@ -218,9 +220,10 @@ def linear_tofu_fwd(
         elif g_hidden is not None:
             gh = mm_fp32(g, weight)
             cancel_rounding(gh, err[s:e], weight, labels[s:e])
-            if norm_h is not norm:
-                gh.mul_(norm / norm_h)
-            g_hidden[s:e] = gh
+            if shrink is None:
+                g_hidden[s:e] = gh
+            else:
+                torch.mul(gh, shrink, out=g_hidden[s:e])  # exact, then rounded once
         if g_weight is not None:
             accumulate(g_weight, g.t(), x, alpha)
         if g_bias is not None:
