@@ -307,7 +307,7 @@ def store_partials(part_ptr, split, n_splits, N, rows, row_mask, m, s1, s1x, sbx
 
 @triton.jit
 def _fused_merge_kernel(
-    # pointers: partials (7, SPLITS, N) in; per-row loss (N,), stats (4, N), bwd terms (4, N) out
+    # pointers: partials (7, SPLITS, N) in; per-row loss (N,), stats (4, N), bwd terms (3, N) out
     part_ptr, labels_ptr, loss_ptr, stats_ptr, rowterm_ptr,
     # sizes
     N, V, n_splits,
@@ -372,12 +372,11 @@ def _fused_merge_kernel(
     tl.store(rowterm_ptr + rows, tl.where(row_ok, m, float("inf")), mask=row_mask)
     tl.store(rowterm_ptr + N + rows, g / sb, mask=row_mask)
     tl.store(rowterm_ptr + 2 * N + rows, -g * (sbx / sb), mask=row_mask)
-    tl.store(rowterm_ptr + 3 * N + rows, g, mask=row_mask)
 
 
 @triton.jit
 def _fused_bwd_kernel(
-    # pointers: hidden, weight, bias, labels; per-row terms (4, N); grad scale (1 or N);
+    # pointers: hidden, weight, bias, labels; per-row terms (3, N); grad scale (1 or N);
     # the largest entry of the logits' gradient (1,); gradient accumulators: fp32 (N, H), fp32
     # or the weight's dtype (V, H), fp32 (V,); the rows' sums of the rounding errors of the
     # tiles that grad_hidden sums, fp32 (N,); all contiguous
@@ -597,7 +596,7 @@ def fused_tofu_merge(
     partials: torch.Tensor, labels: torch.Tensor, vocab: int | None, params: TOFUParams
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Combine ``(7, S, N)`` partials into per-token fp32 losses ``(N,)``, stats ``(4, N)`` and
-    the backward's per-row terms ``(4, N)``: row max, g / sb, target column, g. ``vocab`` None:
+    the backward's per-row terms ``(3, N)``: row max, g / sb, target column. ``vocab`` None:
     not known on the host (vocabulary parallel); a label no partial holds is out of range."""
     if vocab is None:
         vocab = -1
@@ -605,7 +604,7 @@ def fused_tofu_merge(
     labels = labels.contiguous()
     loss = torch.empty(n, dtype=torch.float32, device=labels.device)
     stats = torch.empty(4, n, dtype=torch.float32, device=labels.device)
-    rowterms = torch.empty(4, n, dtype=torch.float32, device=labels.device)
+    rowterms = torch.empty(3, n, dtype=torch.float32, device=labels.device)
     if n == 0:
         return loss, stats, rowterms
     merge_block = 128
@@ -643,7 +642,7 @@ def fused_tofu_fwd(
     params: TOFUParams,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward on ``hidden (N, H)``, ``weight (V, H)``: per-token fp32 losses ``(N,)``,
-    stats ``(4, N)`` and the backward's per-row terms ``(4, N)``. No checks, no autograd."""
+    stats ``(4, N)`` and the backward's per-row terms ``(3, N)``. No checks, no autograd."""
     partials = fused_tofu_partials(hidden, weight, labels, bias, params)
     return fused_tofu_merge(partials, labels, weight.shape[0], params)
 
@@ -785,7 +784,7 @@ def fused_fwd_op(
 def _(hidden, weight, labels, bias, gamma, beta, ignore_index, softcap, impl, chunk_size):
     n = hidden.shape[0]
     return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(4, n, dtype=torch.float32),
-            hidden.new_empty(4, n, dtype=torch.float32))  # fmt: skip
+            hidden.new_empty(3, n, dtype=torch.float32))  # fmt: skip
 
 
 @torch.library.custom_op("tofu_kernels::fused_tofu_bwd", mutates_args=())

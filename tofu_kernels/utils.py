@@ -169,7 +169,7 @@ def headroom(dtype: torch.dtype) -> float:
 
 def max_grad_entry(rowterms: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
     """The largest entry ``|g (1 - q_y) grad_scale|`` ``(1,)`` of the logits' gradient, from the
-    fused merge's per-row terms ``rowterms (4, N)`` (row 2: the target entry ``-g (1 - q_y)``),
+    fused merge's per-row terms ``rowterms (3, N)`` (row 2: the target entry ``-g (1 - q_y)``),
     on the device. A row's other entries ``g q_j`` sum to ``g (1 - q_y)``, so its target entry
     is its largest (softcap only shrinks entries). Not the focal weight ``g`` itself: a row
     confident under the tempered softmax (``1 - q_y`` near 0, as beta < 1 makes it sooner)
@@ -181,14 +181,13 @@ def normalized_grad_scale(
     rowterms: torch.Tensor, grad_scale: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_scale / norm, wmax / norm, norm)`` for a backward from the fused merge's per-row
-    terms ``rowterms (4, N)``, all on the device: ``wmax`` is the largest entry of the logits'
+    terms ``rowterms (3, N)``, all on the device: ``wmax`` is the largest entry of the logits'
     gradient (:func:`max_grad_entry`) and ``norm`` a power of two near it (1 if it is 0) over
-    :func:`headroom`. The gradient formed in
-    ``dtype`` with the returned scale peaks near the headroom whatever the upstream gradient and
-    the reduction: at a mean's 1/N most fp16 entries would be subnormals or zeros (a flat
-    softmax's whole off-target gradient), and a tiny upstream gradient or a confident batch
-    flushes them too. Multiplying the sums back by ``norm`` is exact; sums into an fp16
-    gradient take a :func:`rows_gain` as well."""
+    :func:`headroom`. The gradient formed in ``dtype`` with the returned scale peaks near the
+    headroom whatever the upstream gradient and the reduction: at a mean's 1/N most fp16
+    entries would be subnormals or zeros (a flat softmax's whole off-target gradient), and a
+    tiny upstream gradient or a confident batch flushes them too. Multiplying the sums back by
+    ``norm`` is exact; sums into an fp16 gradient take a :func:`rows_gain` as well."""
     wmax = max_grad_entry(rowterms, grad_scale)
     norm = pow2_near(wmax) / headroom(dtype)
     return grad_scale / norm, wmax / norm, norm

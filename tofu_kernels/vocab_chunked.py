@@ -108,7 +108,7 @@ def _chunk_partials_kernel(
 @triton.jit
 def _chunk_grad_kernel(
     # pointers: the chunk's logits (N, C), overwritten with their gradient; labels (N,);
-    # per-row terms (4, N) of the merge (row max, g / sb, target column, g); grad scale (1 or N);
+    # per-row terms (3, N) of the merge (row max, g / sb, target column); grad scale (1 or N);
     # per column block, the rows' sums of rounding errors, added to over the chunks
     # (cdiv(C, BLOCK_V), N) (HAS_ERR)
     z_ptr, labels_ptr, rowterm_ptr, scale_ptr, err_ptr,
