@@ -252,7 +252,10 @@ def train_one(args: argparse.Namespace, loss: str, rows, scratch: str) -> dict:
         data_seed=args.seed,
     )
     if args.gradient_checkpointing:
-        common["gradient_checkpointing"] = True
+        # transformers 5.25 renamed the option (the old name warns); older ones know the old one
+        fields = TrainingArguments.__dataclass_fields__
+        new = "activation_checkpointing" in fields
+        common["activation_checkpointing" if new else "gradient_checkpointing"] = True
     curves = Curves(label)
     if args.trainer == "trl":
         import datasets

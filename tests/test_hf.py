@@ -576,7 +576,10 @@ def test_gradient_checkpointing_and_accelerate_hooks(device):
         hook = Count()
         if setup.endswith("reentrant"):
             kwargs = {"use_reentrant": setup == "reentrant"}
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if setup == "hook_before":
             add_hook_to_module(model.lm_head, hook)
         apply_tofu_kernel(model, gamma=GAMMA, beta=BETA, impl="chunked", verify=False)
