@@ -90,10 +90,12 @@ def linear_oracle(
     softcap=None,
     grad_output=None,
     rows_per_slice=1024,
+    logits_dtype=None,
 ):
     """float64 loss and gradients (hidden, weight, bias) of TOFU on ``hidden @ weight.T + bias``.
 
-    Slices of rows keep float64 memory bounded at production shapes (the GPU tests).
+    Slices of rows keep float64 memory bounded at production shapes (the GPU tests). With
+    ``logits_dtype``, the logits are first rounded to it, as a logits buffer of that dtype is.
     """
     h = hidden.shape[-1]
     x = hidden.detach().reshape(-1, h).double()
@@ -108,6 +110,8 @@ def linear_oracle(
     for s in range(0, x.shape[0], rows_per_slice):
         xs = x[s : s + rows_per_slice]
         z = xs @ w.T if b is None else xs @ w.T + b
+        if logits_dtype is not None:
+            z = z.to(logits_dtype).double()
         r, _, g = tofu_rows(z, y[s : s + rows_per_slice], gamma, beta, ignore_index, softcap, True)
         g = g * factor[s : s + rows_per_slice, None]
         rows.append(r)
