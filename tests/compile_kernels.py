@@ -130,7 +130,7 @@ def fused_kernel_specs(capability: tuple[int, int]):
         for grads, gw_ty, tma in variants:
             signature = {
                 "x_ptr": ty, "w_ptr": ty, "b_ptr": ty, "labels_ptr": "*i64",
-                "rowterm_ptr": "*fp32", "scale_ptr": "*fp32", "wmax_ptr": "*fp32",
+                "rowterm_ptr": "*fp32", "scale_ptr": "*fp32", "ref_ptr": "*fp32",
                 "gx_ptr": "*fp32", "gw_ptr": gw_ty, "gb_ptr": "*fp32", "err_ptr": "*fp32",
                 "gx_desc": "constexpr", "gw_desc": "constexpr",
                 "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i64", "stride_wv": "i64",
@@ -154,9 +154,13 @@ def fused_kernel_specs(capability: tuple[int, int]):
     signature = {
         "part_ptr": "*fp32", "labels_ptr": "*i64", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
         "rowterm_ptr": "*fp32", "N": "i32", "V": "i32", "n_splits": "i32", "gamma": "fp32",
-        "beta": "fp32", "ignore_index": "i32", "BLOCK_N": "constexpr",
+        "beta": "fp32", "softcap": "fp32", "ignore_index": "i32", "HAS_SOFTCAP": "constexpr",
+        "BLOCK_N": "constexpr",
     }  # fmt: skip
-    yield "fused_merge", fused_tofu._fused_merge_kernel, signature, {"BLOCK_N": 128}, {}
+    merge = fused_tofu._fused_merge_kernel
+    for softcap in (False, True):
+        constexprs = {"HAS_SOFTCAP": softcap, "BLOCK_N": 128}
+        yield f"fused_merge[softcap={softcap}]", merge, signature, constexprs, {}
 
 
 def vocab_chunked_specs():

@@ -168,6 +168,34 @@ def test_filtering_of_a_batch_confident_under_the_tempered_softmax(device, dtype
     compare(x, w, None, y, [loss.detach(), *(t.grad for t in leaves), None], ref, dtype)
 
 
+# bf16 and fp16 (filtering's default is on for both); fp16 with an upstream gradient that puts
+# the gradients in its normal range
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_filtering_where_softcap_saturates_every_large_logit(device, dtype):
+    """Forty of 53 weight rows give every token a logit of 220-240, over 7 softcaps (30) deep,
+    the other rows ~0: the tempered softmax's mass sits on the forty, whose gradient entries
+    softcap's derivative (under 2e-6) shrinks under 2^-12 / V of g (1 - q_y), and those of the
+    other rows are ~e^-37 of it. Filtering took that bound as its reference and dropped the
+    whole gradient; it now takes the largest target entry with softcap's factor, an actual
+    entry of the gradient."""
+    n, vocab, hidden, cluster = 48, 53, 8, 40
+    w = torch.randn(vocab, hidden, device=device) * 0.3
+    w[:, 0] = 0
+    w[:cluster, 0] = 1 + 0.1 * torch.rand(cluster, device=device)
+    x = torch.randn(n, hidden, device=device) * 0.3
+    x[:, 0] = 220.0
+    x, w = x.to(dtype), w.to(dtype)
+    y = torch.randint(0, cluster, (n,), device=device)
+    go = torch.tensor(2.0**20 if dtype == torch.float16 else 1.0, device=device)
+    opts = dict(gamma=3.0, beta=0.8, softcap=30.0)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w)]
+    loss = fused_linear_tofu_loss(*leaves, y, impl="fused", **opts)
+    loss.backward(go)
+    ref = linear_oracle(x, w, y, grad_output=go, **opts)
+    assert ref[1].abs().max() > 2**6 * torch.finfo(dtype).tiny  # in the dtype's normal range
+    compare(x, w, None, y, [loss.detach(), *(t.grad for t in leaves), None], ref, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_grad_hidden_in_token_slabs(device, dtype, monkeypatch):
     """grad_hidden sums in fp32 one token slab at a time (in place for fp32): slabs of two token

@@ -33,13 +33,12 @@ from tofu_kernels.utils import (
     TOFUParams,
     cancel_rounding,
     check_backward,
-    half_range,
     interpreting,
-    max_grad_entry,
     normalized_grad_scale,
     reduce_loss,
     reduction_scale,
     rows_gain,
+    target_entry_max,
 )
 
 # Launch configs by compute capability major (9: Hopper, 8: Ampere/Ada), as triton.Config
@@ -307,14 +306,14 @@ def store_partials(part_ptr, split, n_splits, N, rows, row_mask, m, s1, s1x, sbx
 
 @triton.jit
 def _fused_merge_kernel(
-    # pointers: partials (7, SPLITS, N) in; per-row loss (N,), stats (4, N), bwd terms (3, N) out
+    # pointers: partials (7, SPLITS, N) in; per-row loss (N,), stats (4, N), bwd terms (4, N) out
     part_ptr, labels_ptr, loss_ptr, stats_ptr, rowterm_ptr,
     # sizes
     N, V, n_splits,
     # TOFU parameters
-    gamma, beta, ignore_index,
+    gamma, beta, softcap, ignore_index,
     # meta
-    BLOCK_N: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -366,21 +365,29 @@ def _fused_merge_kernel(
     tl.store(stats_ptr + 2 * N + rows, tl.where(row_ok, entropy, zero), mask=row_mask)
     correct = row_ok & (zy_m >= 0) & (m_before < zy)  # argmax == y (the first of tied maxima)
     tl.store(stats_ptr + 3 * N + rows, tl.where(correct, 1.0, zero), mask=row_mask)
-    # Backward terms: row max, g / sb, the target column -g * sbx / sb (no cancellation), g.
+    # Backward terms: row max, g / sb, the target column -g * sbx / sb (no cancellation), and
+    # that entry times softcap's derivative at the (capped) target logit: the entry itself.
     g = tl.where(row_ok, g, zero)
     sb = sbx + tl.exp(zy_m * inv_beta)
+    target = -g * (sbx / sb)
     tl.store(rowterm_ptr + rows, tl.where(row_ok, m, float("inf")), mask=row_mask)
     tl.store(rowterm_ptr + N + rows, g / sb, mask=row_mask)
-    tl.store(rowterm_ptr + 2 * N + rows, -g * (sbx / sb), mask=row_mask)
+    tl.store(rowterm_ptr + 2 * N + rows, target, mask=row_mask)
+    if HAS_SOFTCAP:
+        # from the capped logit, so only as exact as its rounding deep in saturation (where
+        # the factor is under ~1e-6; 0 past ~9 softcaps): filtering's reference needs no more
+        t = tl.where(row_ok, zy / softcap, 0.0)
+        target = target * ((1.0 - tl.abs(t)) * (1.0 + tl.abs(t)))
+    tl.store(rowterm_ptr + 3 * N + rows, tl.abs(target), mask=row_mask)
 
 
 @triton.jit
 def _fused_bwd_kernel(
-    # pointers: hidden, weight, bias, labels; per-row terms (3, N); grad scale (1 or N);
-    # the largest entry of the logits' gradient (1,); gradient accumulators: fp32 (N, H), fp32
+    # pointers: hidden, weight, bias, labels; per-row terms (4, N); grad scale (1 or N);
+    # filtering's reference, the largest target entry (1,); gradient accumulators: fp32 (N, H), fp32
     # or the weight's dtype (V, H), fp32 (V,); the rows' sums of the rounding errors of the
     # tiles that grad_hidden sums, fp32 (N,); all contiguous
-    x_ptr, w_ptr, b_ptr, labels_ptr, rowterm_ptr, scale_ptr, wmax_ptr, gx_ptr, gw_ptr, gb_ptr,
+    x_ptr, w_ptr, b_ptr, labels_ptr, rowterm_ptr, scale_ptr, ref_ptr, gx_ptr, gw_ptr, gb_ptr,
     err_ptr,
     # with TMA_REDUCE, tensor descriptors of the grad_hidden and grad_weight accumulators, in
     # (BLOCK_N | BLOCK_V, BLOCK_K) boxes; None for a gradient not asked for
@@ -408,10 +415,10 @@ def _fused_bwd_kernel(
     scale = tl.load(scale_ptr + rows * stride_scale, mask=row_mask, other=0.0)
     coef = tl.load(rowterm_ptr + stride_rt + rows, mask=row_mask, other=0.0) * scale
     target = tl.load(rowterm_ptr + 2 * stride_rt + rows, mask=row_mask, other=0.0) * scale
-    # Every |dz| entry of a row is at most its target entry's, g (1 - q_y) |scale|: rows at or
-    # under the threshold (ignored rows; with filtering, confident ones) add nothing, and a
-    # block of such rows is skipped before its GEMMs.
-    threshold = filter_eps * tl.load(wmax_ptr)
+    # Every |dz| entry of a row is at most g (1 - q_y) |scale|, its target entry before the
+    # softcap's factor: rows at or under the threshold (ignored rows; with filtering, confident
+    # ones) add nothing, and a block of such rows is skipped before its GEMMs.
+    threshold = filter_eps * tl.load(ref_ptr)
     keep = tl.abs(target) > threshold
     coef = tl.where(keep, coef, 0.0)
     target = tl.where(keep, target, 0.0)
@@ -596,21 +603,25 @@ def fused_tofu_merge(
     partials: torch.Tensor, labels: torch.Tensor, vocab: int | None, params: TOFUParams
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Combine ``(7, S, N)`` partials into per-token fp32 losses ``(N,)``, stats ``(4, N)`` and
-    the backward's per-row terms ``(3, N)``: row max, g / sb, target column. ``vocab`` None:
-    not known on the host (vocabulary parallel); a label no partial holds is out of range."""
+    the backward's per-row terms ``(4, N)``: row max, g / sb, the target column, and that
+    entry's magnitude times softcap's derivative (the entry of the pre-cap logits' gradient).
+    ``vocab`` None: not known on the host (vocabulary parallel); a label no partial holds is
+    out of range."""
     if vocab is None:
         vocab = -1
     n = labels.shape[0]
     labels = labels.contiguous()
     loss = torch.empty(n, dtype=torch.float32, device=labels.device)
     stats = torch.empty(4, n, dtype=torch.float32, device=labels.device)
-    rowterms = torch.empty(3, n, dtype=torch.float32, device=labels.device)
+    rowterms = torch.empty(4, n, dtype=torch.float32, device=labels.device)
     if n == 0:
         return loss, stats, rowterms
     merge_block = 128
+    softcap = params.softcap if params.softcap is not None else 1.0
     _fused_merge_kernel[(triton.cdiv(n, merge_block),)](
         partials, labels, loss, stats, rowterms, n, vocab, partials.shape[1],
-        params.gamma, params.beta, params.ignore_index, BLOCK_N=merge_block, **LAUNCH_OPTIONS,
+        params.gamma, params.beta, softcap, params.ignore_index,
+        HAS_SOFTCAP=params.softcap is not None, BLOCK_N=merge_block, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return loss, stats, rowterms
 
@@ -642,7 +653,7 @@ def fused_tofu_fwd(
     params: TOFUParams,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward on ``hidden (N, H)``, ``weight (V, H)``: per-token fp32 losses ``(N,)``,
-    stats ``(4, N)`` and the backward's per-row terms ``(3, N)``. No checks, no autograd."""
+    stats ``(4, N)`` and the backward's per-row terms ``(4, N)``. No checks, no autograd."""
     partials = fused_tofu_partials(hidden, weight, labels, bias, params)
     return fused_tofu_merge(partials, labels, weight.shape[0], params)
 
@@ -679,13 +690,9 @@ def fused_tofu_bwd(
     gw = torch.zeros(vocab, h, dtype=w_acc, device=dev) if needs[1] else None
     gb = torch.zeros(vocab, dtype=f32, device=dev) if needs[2] else None
     if n and any(needs):
-        # fp16's gradient is formed near its headroom, the scale undone below; bf16 and fp32
-        # have the range to form it at its own scale (no pass over grad_weight to undo one)
-        norm = None
-        if half_range(hidden.dtype):
-            grad_scale, wmax, norm = normalized_grad_scale(rowterms, grad_scale, hidden.dtype)
-        else:
-            wmax = max_grad_entry(rowterms, grad_scale)  # the filtering's reference
+        # fp16's gradient is formed near its headroom, the scale undone below (norm)
+        grad_scale, norm = normalized_grad_scale(rowterms, grad_scale, hidden.dtype)
+        ref = target_entry_max(rowterms, grad_scale)  # the filtering's reference
         gain = rows_gain(n, w_acc)  # 1 unless the accumulator is fp16
         kernel, cfg = _launcher(
             _fused_bwd_kernel, BWD_CONFIGS, TUNE_BWD, hidden,
@@ -711,7 +718,7 @@ def fused_tofu_bwd(
             err = hidden.new_zeros(e - s, dtype=f32) if row_err else dummy
             kernel[_grid(e - s, vocab)](
                 hidden[s:e], weight, bias if bias is not None else weight, labels[s:e],
-                rowterms[:, s:e], grad_scale[s:e] if row_scale else grad_scale, wmax, gx_acc,
+                rowterms[:, s:e], grad_scale[s:e] if row_scale else grad_scale, ref, gx_acc,
                 gw if gw is not None else dummy, gb if gb is not None else dummy, err,
                 *_reduce_descriptors(tma, gx_acc if needs[0] else None, gw, cfg),
                 e - s, vocab, h, hidden.stride(0), weight.stride(0), rowterms.stride(0),
@@ -784,7 +791,7 @@ def fused_fwd_op(
 def _(hidden, weight, labels, bias, gamma, beta, ignore_index, softcap, impl, chunk_size):
     n = hidden.shape[0]
     return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(4, n, dtype=torch.float32),
-            hidden.new_empty(3, n, dtype=torch.float32))  # fmt: skip
+            hidden.new_empty(4, n, dtype=torch.float32))  # fmt: skip
 
 
 @torch.library.custom_op("tofu_kernels::fused_tofu_bwd", mutates_args=())

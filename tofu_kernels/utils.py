@@ -168,29 +168,40 @@ def headroom(dtype: torch.dtype) -> float:
 
 
 def max_grad_entry(rowterms: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
-    """The largest entry ``|g (1 - q_y) grad_scale|`` ``(1,)`` of the logits' gradient, from the
-    fused merge's per-row terms ``rowterms (3, N)`` (row 2: the target entry ``-g (1 - q_y)``),
-    on the device. A row's other entries ``g q_j`` sum to ``g (1 - q_y)``, so its target entry
-    is its largest (softcap only shrinks entries). Not the focal weight ``g`` itself: a row
-    confident under the tempered softmax (``1 - q_y`` near 0, as beta < 1 makes it sooner)
-    has entries far below its ``g``."""
+    """A bound ``(1,)`` on every entry of the logits' gradient, ``max |g (1 - q_y) grad_scale|``,
+    from the fused merge's per-row terms ``rowterms (4, N)`` (row 2: the target entry
+    ``-g (1 - q_y)``), on the device. A row's other entries ``g q_j`` sum to ``g (1 - q_y)``, so
+    its target entry is its largest; softcap's derivative only shrinks entries. Not the focal
+    weight ``g`` itself: a row confident under the tempered softmax (``1 - q_y`` near 0, as
+    beta < 1 makes it sooner) has entries far below its ``g``."""
     return (rowterms[2].abs() * grad_scale.abs().expand(rowterms.shape[1])).max().reshape(1)
+
+
+def target_entry_max(rowterms: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
+    """The largest target entry ``(1,)`` of the gradient on the pre-cap logits, softcap's
+    derivative included (row 3 of ``rowterms (4, N)``), on the device: an entry of the
+    gradient, so at most its largest. Filtering's reference: a threshold under it never drops
+    the whole gradient (the bound of :func:`max_grad_entry` would where every large logit is
+    saturated by softcap)."""
+    return (rowterms[3] * grad_scale.abs().expand(rowterms.shape[1])).max().reshape(1)
 
 
 def normalized_grad_scale(
     rowterms: torch.Tensor, grad_scale: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_scale / norm, wmax / norm, norm)`` for a backward from the fused merge's per-row
-    terms ``rowterms (3, N)``, all on the device: ``wmax`` is the largest entry of the logits'
-    gradient (:func:`max_grad_entry`) and ``norm`` a power of two near it (1 if it is 0) over
-    :func:`headroom`. The gradient formed in ``dtype`` with the returned scale peaks near the
-    headroom whatever the upstream gradient and the reduction: at a mean's 1/N most fp16
-    entries would be subnormals or zeros (a flat softmax's whole off-target gradient), and a
-    tiny upstream gradient or a confident batch flushes them too. Multiplying the sums back by
-    ``norm`` is exact; sums into an fp16 gradient take a :func:`rows_gain` as well."""
-    wmax = max_grad_entry(rowterms, grad_scale)
-    norm = pow2_near(wmax) / headroom(dtype)
-    return grad_scale / norm, wmax / norm, norm
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(grad_scale / norm, norm)`` for a backward from the fused merge's per-row terms
+    ``rowterms (4, N)`` that forms the logits' gradient in ``dtype``, on the device: for fp16,
+    ``norm`` is a power of two near the bound :func:`max_grad_entry` on the gradient (1 if it
+    is 0) over :func:`headroom`, so the gradient peaks near the headroom whatever the upstream
+    gradient and the reduction: at a mean's 1/N most fp16 entries would be subnormals or zeros
+    (a flat softmax's whole off-target gradient), and a tiny upstream gradient or a confident
+    batch flushes them too. Multiplying the sums back by ``norm`` is exact; sums into an fp16
+    gradient take a :func:`rows_gain` as well. bf16 and fp32 have the range to form the
+    gradient at its own scale (no pass to undo one): ``(grad_scale, None)``."""
+    if not half_range(dtype):
+        return grad_scale, None
+    norm = pow2_near(max_grad_entry(rowterms, grad_scale)) / headroom(dtype)
+    return grad_scale / norm, norm
 
 
 def rows_gain(rows: int, dtype: torch.dtype) -> float:

@@ -108,7 +108,7 @@ def _chunk_partials_kernel(
 @triton.jit
 def _chunk_grad_kernel(
     # pointers: the chunk's logits (N, C), overwritten with their gradient; labels (N,);
-    # per-row terms (3, N) of the merge (row max, g / sb, target column); grad scale (1 or N);
+    # per-row terms (4, N) of the merge (row max, g / sb, target column, ...); grad scale (1 or N);
     # per column block, the rows' sums of rounding errors, added to over the chunks
     # (cdiv(C, BLOCK_V), N) (HAS_ERR)
     z_ptr, labels_ptr, rowterm_ptr, scale_ptr, err_ptr,
@@ -261,12 +261,10 @@ def vocab_chunked_bwd(
         softcap = params.softcap if params.softcap is not None else 1.0
         chunk = chunk_size or default_vocab_chunk(h, vocab)
         # fp16 logits' gradient is written scaled to a safe range by a power of two, undone
-        # below. bf16 and fp32 have the range to write it at its own scale: the same power of
-        # two would change no digit there (short of subnormals, at upstream gradients under
+        # below (norm). bf16 and fp32 are written at their own scale: the same power of two
+        # would change no digit there (short of subnormals, at upstream gradients under
         # ~1e-30) and cost a pass over grad_weight at the end (2 GB in bf16 at the Llama head).
-        norm = None
-        if half_range(hidden.dtype):
-            grad_scale, _, norm = normalized_grad_scale(rowterms, grad_scale, hidden.dtype)
+        grad_scale, norm = normalized_grad_scale(rowterms, grad_scale, hidden.dtype)
         # fp16 grad_weight rows are summed in fp32 and rounded once, at their own scale: at any
         # fixed scale that keeps an N-row sum under 65504, small rows are subnormals or zeros
         # (an H100 run at 8192 tokens found 2% of grad_weight's entries off, some by 100%)
