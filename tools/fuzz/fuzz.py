@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
@@ -68,9 +69,10 @@ def representable(peak: float, dtype: torch.dtype) -> bool:
     return peak == 0 or info.tiny * 1e3 < peak < info.max / 4
 
 
-def linear_case(r: random.Random) -> tuple[dict, list | None]:
+def linear_case(r: random.Random, confident: bool = False) -> tuple[dict, list | None]:
     """One case of ``fused_linear_tofu_loss``: (its description, its failures or None where
-    the drawn inputs are not finite in their dtype)."""
+    the drawn inputs are not finite in their dtype). ``confident``: also lift the target logit
+    of half or all of the rows by a margin of 3 to 300."""
     dtype = r.choice(DTYPES)
     impl = r.choice(["torch", "chunked", "vocab_chunked", "fused"])
     n, h, v = r.choice([1, 2, 7, 33, 64, 130]), r.choice([1, 3, 16, 33]), r.choice([1, 17, 301])
@@ -89,13 +91,21 @@ def linear_case(r: random.Random) -> tuple[dict, list | None]:
         opts["drop_ignored"] = True
     case = dict(op="linear", dtype=str(dtype), n=n, h=h, v=v, bias=bias, ignored=ignored, xs=xs,
                 zs=zs, go=go_scale, **kw, **{k: str(o) for k, o in opts.items()})  # fmt: skip
+    if confident:  # drawn last: the other draws stay those of the seed without the option
+        case.update(confident=r.choice([0.5, 1.0]), margin=10 ** r.uniform(0.5, 2.5))
 
-    x = (torch.randn(n, h) * xs).to(dtype).requires_grad_(True)
+    x = torch.randn(n, h) * xs
     w = (torch.randn(v, h) * ws).to(dtype).requires_grad_(True)
     b = (torch.randn(v) * zs).to(dtype).requires_grad_(True) if bias else None
+    y = random_labels((n,), v, "cpu", ignored)
+    if confident:  # x + margin w_y / |w_y|^2 raises the target logit by the margin
+        lifted = torch.tensor([r.random() < case["confident"] for _ in range(n)]) & (y != -100)
+        w_y = w.detach()[y.clamp(min=0)].double()
+        lift = case["margin"] * w_y / w_y.pow(2).sum(1, keepdim=True)
+        x = torch.where(lifted[:, None], x + lift, x)
+    x = x.to(dtype).requires_grad_(True)
     if not all(torch.isfinite(t).all() for t in (x, w) + ((b,) if bias else ())):
         return case, None  # weights past fp16's range: not a case
-    y = random_labels((n,), v, "cpu", ignored)
     loss = fused_linear_tofu_loss(x, w, y, bias=b, **kw, **opts)
     go = torch.randn_like(loss) * go_scale
     loss.backward(go)
@@ -158,11 +168,15 @@ def main() -> None:
     parser.add_argument("--op", choices=["linear", "rows"], default="linear")
     parser.add_argument("--seeds", default="0:100", help="START:STOP")
     parser.add_argument("--out", type=Path, help="append failures here too (JSON lines)")
+    parser.add_argument(
+        "--confident", action="store_true",
+        help="linear: lift half or all of the targets' logits by 3 to 300 (trained models' rows)",
+    )  # fmt: skip
     args = parser.parse_args()
     start, stop = (int(s) for s in args.seeds.split(":"))
     # the interpreter runs NumPy on lanes the kernels mask out afterwards (as pyproject.toml)
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
-    run = linear_case if args.op == "linear" else rows_case
+    run = partial(linear_case, confident=args.confident) if args.op == "linear" else rows_case
     failures = skipped = 0
     for seed in range(start, stop):
         r = random.Random(seed)
