@@ -128,8 +128,9 @@ ROW_ALIGN = 256  # likewise for the backward's grad_hidden token slabs and BLOCK
 # head (bench/accum_precision.py), so it sums in fp32, in token slabs of this many elements.
 GX_SLAB_ELEMS = 2**23
 # Gradient filtering: skip rows whose largest gradient entry |g (1 - q_y) scale| is below this
-# fraction of the batch's largest, and vocabulary tiles whose entries all are below it divided
-# by V (2^-12: under bf16/fp16 resolution of a sum that holds the largest).
+# fraction of the batch's largest target entry (softcap's factor included), and vocabulary
+# tiles whose entries all are below it divided by V (2^-12: under bf16/fp16 resolution of a
+# sum that holds the largest).
 FILTER_EPS_HALF = 2.0**-12
 
 

@@ -122,7 +122,7 @@ def linear_case(r: random.Random, confident: bool = False) -> tuple[dict, list |
     return case, bad + check(pairs, dtype)
 
 
-def rows_case(r: random.Random) -> tuple[dict, list | None]:
+def rows_case(r: random.Random, confident: bool = False) -> tuple[dict, list | None]:
     """One case of ``tofu_loss``, as :func:`linear_case`."""
     dtype = r.choice(DTYPES)
     shape = r.choice([(1,), (7,), (3, 5), (2, 3, 4)])
@@ -135,13 +135,20 @@ def rows_case(r: random.Random) -> tuple[dict, list | None]:
     go_scale = upstream_scale(r, dtype)
     case = dict(op="rows", dtype=str(dtype), impl=impl, shape=shape, v=v, ignored=ignored,
                 strided=strided, zs=zs, go=go_scale, **kw)  # fmt: skip
+    if confident:  # drawn last, as in linear_case
+        case.update(confident=r.choice([0.5, 1.0]), margin=10 ** r.uniform(0.5, 2.5))
 
     full = torch.randn(*shape, v * (2 if strided else 1)) * zs
+    y = random_labels(shape, v, "cpu", ignored)
+    if confident:
+        lifted = torch.tensor([r.random() < case["confident"] for _ in range(y.numel())])
+        lift = (lifted.reshape(shape) & (y != -100)) * case["margin"]
+        cols = y.clamp(min=0) * (2 if strided else 1)
+        full.scatter_add_(-1, cols.unsqueeze(-1), lift.unsqueeze(-1).float())
     full = full.to(dtype)  # before the view: to() would copy a strided view contiguous
     z = (full[..., ::2] if strided else full).requires_grad_(True)
     if not torch.isfinite(z).all():
         return case, None  # logits past fp16's range: not a case
-    y = random_labels(shape, v, "cpu", ignored)
     loss = tofu_loss(z, y, impl=impl, **kw)
     go = torch.randn_like(loss) * go_scale
     loss.backward(go)
@@ -170,13 +177,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="append failures here too (JSON lines)")
     parser.add_argument(
         "--confident", action="store_true",
-        help="linear: lift half or all of the targets' logits by 3 to 300 (trained models' rows)",
+        help="lift half or all of the targets' logits by 3 to 300 (trained models' peaked rows)",
     )  # fmt: skip
     args = parser.parse_args()
     start, stop = (int(s) for s in args.seeds.split(":"))
     # the interpreter runs NumPy on lanes the kernels mask out afterwards (as pyproject.toml)
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
-    run = partial(linear_case, confident=args.confident) if args.op == "linear" else rows_case
+    run = partial(linear_case if args.op == "linear" else rows_case, confident=args.confident)
     failures = skipped = 0
     for seed in range(start, stop):
         r = random.Random(seed)
