@@ -13,6 +13,7 @@ from helpers import (
     LINEAR_LOSS_RTOL,
     linear_oracle,
     make_inputs,
+    oracle,
     random_labels,
     rel_err,
     returns_of,
@@ -172,12 +173,11 @@ def test_filtering_of_a_batch_confident_under_the_tempered_softmax(device, dtype
 # the gradients in its normal range
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_filtering_where_softcap_saturates_every_large_logit(device, dtype):
-    """Forty of 53 weight rows give every token a logit of 220-240, over 7 softcaps (30) deep,
+    """Forty of 53 weight rows give every token a logit of 220-245, over 7 softcaps (30) deep,
     the other rows ~0: the tempered softmax's mass sits on the forty, whose gradient entries
     softcap's derivative (under 2e-6) shrinks under 2^-12 / V of g (1 - q_y), and those of the
     other rows are ~e^-37 of it. Filtering took that bound as its reference and dropped the
-    whole gradient; it now takes the largest target entry with softcap's factor, an actual
-    entry of the gradient."""
+    whole gradient; it now takes entries of the gradient, softcap's factor included."""
     n, vocab, hidden, cluster = 48, 53, 8, 40
     w = torch.randn(vocab, hidden, device=device) * 0.3
     w[:, 0] = 0
@@ -194,6 +194,40 @@ def test_filtering_where_softcap_saturates_every_large_logit(device, dtype):
     ref = linear_oracle(x, w, y, grad_output=go, **opts)
     assert ref[1].abs().max() > 2**6 * torch.finfo(dtype).tiny  # in the dtype's normal range
     compare(x, w, None, y, [loss.detach(), *(t.grad for t in leaves), None], ref, dtype)
+
+
+# without softcap, and with one whose factors range from 1 to ~1e-9 (logits up to ~14 softcaps;
+# targets 4-6 softcaps below 0 in a third of the rows)
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_filtering_reference_entries_are_the_gradients(device, softcap):
+    """Row 3 of the per-row terms: each row's |target entry| of the float64 gradient on the
+    pre-cap logits, and with softcap the larger of it and the row max column's entry (the
+    largest entry without softcap); 0 for ignored rows."""
+    x, w, b, y = make_inputs((300,), 16, 301, torch.float32, device, bias=True, ignored=0.2)
+    w_y = w[y.clamp(min=0)]
+    x[::3] = 2.0 * w_y[::3]  # confident rows: the target also the row max
+    x[1::3] = -2.0 * w_y[1::3]  # targets deep in negative saturation: a smaller factor than
+    # the row max column's, whose entry is then the larger
+    _, _, rowterms = fused_mod.fused_tofu_fwd(x, w, y, b, fused_mod.TOFUParams(softcap=softcap))
+    z = x.double() @ w.double().T + b.double()
+    grad = oracle(z, y, gamma=3.0, beta=0.8, softcap=softcap, reduction="sum",
+                  grad_output=torch.ones((), device=device))[1]  # fmt: skip
+    valid = y != -100
+    rows = torch.arange(len(y), device=device)[valid]
+    want = torch.zeros(len(y), dtype=torch.float64, device=device)
+    want[valid] = grad[rows, y[valid]].abs()
+    if softcap is not None:
+        top = z.argmax(1)[valid]
+        other = torch.where(top != y[valid], grad[rows, top].abs(), 0.0)
+        want[valid] = torch.maximum(want[valid], other)
+        assert (other > grad[rows, y[valid]].abs()).any()  # where the other column is the larger
+    else:
+        assert torch.equal(want, grad.abs().max(1).values)  # the target's is the largest
+    assert (rowterms[3][~valid] == 0).all()
+    # softcap's factor is formed from fp32 capped logits: ~5e-7 off, times the entry's bound
+    # g (1 - q_y) before the factor
+    err = (rowterms[3].double() - want).abs()
+    assert (err <= 1e-4 * want + 1e-6 * rowterms[2].abs().double()).all(), err.max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

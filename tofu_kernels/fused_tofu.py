@@ -33,12 +33,12 @@ from tofu_kernels.utils import (
     TOFUParams,
     cancel_rounding,
     check_backward,
+    filter_reference,
     interpreting,
     normalized_grad_scale,
     reduce_loss,
     reduction_scale,
     rows_gain,
-    target_entry_max,
 )
 
 # Launch configs by compute capability major (9: Hopper, 8: Ampere/Ada), as triton.Config
@@ -127,10 +127,10 @@ ROW_ALIGN = 256  # likewise for the backward's grad_hidden token slabs and BLOCK
 # grad_hidden sums V / BLOCK_V tile products per element: in bf16 that is ~0.1 off at the Llama
 # head (bench/accum_precision.py), so it sums in fp32, in token slabs of this many elements.
 GX_SLAB_ELEMS = 2**23
-# Gradient filtering: skip rows whose largest gradient entry |g (1 - q_y) scale| is below this
-# fraction of the batch's largest target entry (softcap's factor included), and vocabulary
-# tiles whose entries all are below it divided by V (2^-12: under bf16/fp16 resolution of a
-# sum that holds the largest).
+# Gradient filtering: skip rows whose bound |g (1 - q_y) scale| on every entry is below this
+# fraction of utils.filter_reference (the largest entry; with softcap, at most it), and
+# vocabulary tiles whose entries all are below it divided by V (2^-12: under bf16/fp16
+# resolution of a sum that holds the largest).
 FILTER_EPS_HALF = 2.0**-12
 
 
@@ -306,6 +306,13 @@ def store_partials(part_ptr, split, n_splits, N, rows, row_mask, m, s1, s1x, sbx
 
 
 @triton.jit
+def _cap_slope(capped, softcap):
+    """Softcap's derivative ``1 - (capped / softcap)^2`` from a capped logit."""
+    t = tl.abs(capped / softcap)
+    return (1.0 - t) * (1.0 + t)
+
+
+@triton.jit
 def _fused_merge_kernel(
     # pointers: partials (7, SPLITS, N) in; per-row loss (N,), stats (4, N), bwd terms (4, N) out
     part_ptr, labels_ptr, loss_ptr, stats_ptr, rowterm_ptr,
@@ -367,25 +374,28 @@ def _fused_merge_kernel(
     correct = row_ok & (zy_m >= 0) & (m_before < zy)  # argmax == y (the first of tied maxima)
     tl.store(stats_ptr + 3 * N + rows, tl.where(correct, 1.0, zero), mask=row_mask)
     # Backward terms: row max, g / sb, the target column -g * sbx / sb (no cancellation), and
-    # that entry times softcap's derivative at the (capped) target logit: the entry itself.
+    # the larger of two entries of the pre-cap logits' gradient, filtering's reference: the
+    # target's and, with softcap (whose factor can make it the larger), the row max column's.
     g = tl.where(row_ok, g, zero)
     sb = sbx + tl.exp(zy_m * inv_beta)
     target = -g * (sbx / sb)
     tl.store(rowterm_ptr + rows, tl.where(row_ok, m, float("inf")), mask=row_mask)
     tl.store(rowterm_ptr + N + rows, g / sb, mask=row_mask)
     tl.store(rowterm_ptr + 2 * N + rows, target, mask=row_mask)
+    entry = tl.abs(target)
     if HAS_SOFTCAP:
-        # from the capped logit, so only as exact as its rounding deep in saturation (where
+        # from the capped logits, so only as exact as their rounding deep in saturation (where
         # the factor is under ~1e-6; 0 past ~9 softcaps): filtering's reference needs no more
-        t = tl.where(row_ok, zy / softcap, 0.0)
-        target = target * ((1.0 - tl.abs(t)) * (1.0 + tl.abs(t)))
-    tl.store(rowterm_ptr + 3 * N + rows, tl.abs(target), mask=row_mask)
+        entry *= _cap_slope(tl.where(row_ok, zy, 0.0), softcap)
+        top = g / sb * _cap_slope(tl.where(row_ok, m, 0.0), softcap)
+        entry = tl.maximum(entry, tl.where(zy_m < 0, top, 0.0))  # a column other than y's
+    tl.store(rowterm_ptr + 3 * N + rows, entry, mask=row_mask)
 
 
 @triton.jit
 def _fused_bwd_kernel(
     # pointers: hidden, weight, bias, labels; per-row terms (4, N); grad scale (1 or N);
-    # filtering's reference, the largest target entry (1,); gradient accumulators: fp32 (N, H), fp32
+    # filtering's reference (1,); gradient accumulators: fp32 (N, H), fp32
     # or the weight's dtype (V, H), fp32 (V,); the rows' sums of the rounding errors of the
     # tiles that grad_hidden sums, fp32 (N,); all contiguous
     x_ptr, w_ptr, b_ptr, labels_ptr, rowterm_ptr, scale_ptr, ref_ptr, gx_ptr, gw_ptr, gb_ptr,
@@ -604,8 +614,8 @@ def fused_tofu_merge(
     partials: torch.Tensor, labels: torch.Tensor, vocab: int | None, params: TOFUParams
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Combine ``(7, S, N)`` partials into per-token fp32 losses ``(N,)``, stats ``(4, N)`` and
-    the backward's per-row terms ``(4, N)``: row max, g / sb, the target column, and that
-    entry's magnitude times softcap's derivative (the entry of the pre-cap logits' gradient).
+    the backward's per-row terms ``(4, N)``: row max, g / sb, the target column, and
+    filtering's reference entry (:func:`~tofu_kernels.utils.filter_reference`).
     ``vocab`` None: not known on the host (vocabulary parallel); a label no partial holds is
     out of range."""
     if vocab is None:
@@ -693,7 +703,7 @@ def fused_tofu_bwd(
     if n and any(needs):
         # fp16's gradient is formed near its headroom, the scale undone below (norm)
         grad_scale, norm = normalized_grad_scale(rowterms, grad_scale, hidden.dtype)
-        ref = target_entry_max(rowterms, grad_scale)  # the filtering's reference
+        ref = filter_reference(rowterms, grad_scale)
         gain = rows_gain(n, w_acc)  # 1 unless the accumulator is fp16
         kernel, cfg = _launcher(
             _fused_bwd_kernel, BWD_CONFIGS, TUNE_BWD, hidden,

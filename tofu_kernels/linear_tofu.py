@@ -489,9 +489,9 @@ def fused_linear_tofu_loss(
         drop_ignored: run only valid tokens through the GEMMs. Default: on for CPU tensors; on a
             GPU it needs one host-device sync (the number of valid tokens), so it is opt-in there.
         filter_eps: ``impl="fused"`` only: skip gradient work whose every entry is at most
-            ``filter_eps`` times the largest target entry of the logits' gradient (confident
-            tokens, far-off vocabulary tiles; the target entry is a row's largest, and with
-            softcap, its factor ``1 - tanh^2`` included, an entry like any other). None:
+            ``filter_eps`` times the largest entry of the logits' gradient (confident tokens,
+            far-off vocabulary tiles; with softcap, times the largest of each row's target and
+            row max entries, ``1 - tanh^2`` included: at most the largest). None:
             ``2**-12`` for bf16/fp16, exact zeros only for fp32; 0 disables it.
         process_group: vocabulary parallel. ``weight`` (and ``bias``) are then this rank's
             contiguous shard of the vocabulary (shards in rank order, any sizes), ``labels`` hold

@@ -177,12 +177,14 @@ def max_grad_entry(rowterms: torch.Tensor, grad_scale: torch.Tensor) -> torch.Te
     return (rowterms[2].abs() * grad_scale.abs().expand(rowterms.shape[1])).max().reshape(1)
 
 
-def target_entry_max(rowterms: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
-    """The largest target entry ``(1,)`` of the gradient on the pre-cap logits, softcap's
-    derivative included (row 3 of ``rowterms (4, N)``), on the device: an entry of the
-    gradient, so at most its largest. Filtering's reference: a threshold under it never drops
-    the whole gradient (the bound of :func:`max_grad_entry` would where every large logit is
-    saturated by softcap)."""
+def filter_reference(rowterms: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
+    """Filtering's reference ``(1,)``: the largest of the entries of the gradient on the pre-cap
+    logits in row 3 of ``rowterms (4, N)`` (each row's target entry, and with softcap the row
+    max column's, softcap's factor included), on the device. Entries of the gradient, so at
+    most its largest (up to the rounding of the capped logits that softcap's factor is formed
+    from: within ~2x deep in saturation, 0 past ~9 softcaps); without softcap, the largest. A
+    threshold under it never drops the whole gradient, as the bound of
+    :func:`max_grad_entry` would where every large logit is saturated by softcap."""
     return (rowterms[3] * grad_scale.abs().expand(rowterms.shape[1])).max().reshape(1)
 
 

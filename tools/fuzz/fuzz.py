@@ -71,8 +71,9 @@ def representable(peak: float, dtype: torch.dtype) -> bool:
 
 def linear_case(r: random.Random, confident: bool = False) -> tuple[dict, list | None]:
     """One case of ``fused_linear_tofu_loss``: (its description, its failures or None where
-    the drawn inputs are not finite in their dtype). ``confident``: also lift the target logit
-    of half or all of the rows by a margin of 3 to 300."""
+    the drawn inputs or their logits are not finite in their dtype). ``confident``: half or
+    all of the rows take their argmax as the label, the hidden state scaled so that it leads
+    by 3 to 300."""
     dtype = r.choice(DTYPES)
     impl = r.choice(["torch", "chunked", "vocab_chunked", "fused"])
     n, h, v = r.choice([1, 2, 7, 33, 64, 130]), r.choice([1, 3, 16, 33]), r.choice([1, 17, 301])
@@ -98,14 +99,19 @@ def linear_case(r: random.Random, confident: bool = False) -> tuple[dict, list |
     w = (torch.randn(v, h) * ws).to(dtype).requires_grad_(True)
     b = (torch.randn(v) * zs).to(dtype).requires_grad_(True) if bias else None
     y = random_labels((n,), v, "cpu", ignored)
-    if confident:  # x + margin w_y / |w_y|^2 raises the target logit by the margin
-        lifted = torch.tensor([r.random() < case["confident"] for _ in range(n)]) & (y != -100)
-        w_y = w.detach()[y.clamp(min=0)].double()
-        lift = case["margin"] * w_y / w_y.pow(2).sum(1, keepdim=True)
-        x = torch.where(lifted[:, None], x + lift, x)
+    if confident and v > 1:  # no hidden state lifts an arbitrary target at small H: the argmax
+        peaked = torch.tensor([r.random() < case["confident"] for _ in range(n)]) & (y != -100)
+        top = (x.double() @ w.detach().double().T).topk(2, dim=1)  # before the bias
+        y = torch.where(peaked, top.indices[:, 0], y)
+        gap = top.values[:, 0] - top.values[:, 1]
+        x = torch.where(peaked[:, None], x * (case["margin"] / gap)[:, None], x)
     x = x.to(dtype).requires_grad_(True)
     if not all(torch.isfinite(t).all() for t in (x, w) + ((b,) if bias else ())):
         return case, None  # weights past fp16's range: not a case
+    with torch.no_grad():
+        logits = x.double() @ w.double().T + (b.double() if bias else 0)
+    if not logits.abs().max() < torch.finfo(dtype).max:
+        return case, None  # nor logits past it (confident rows' scaled hidden states)
     loss = fused_linear_tofu_loss(x, w, y, bias=b, **kw, **opts)
     go = torch.randn_like(loss) * go_scale
     loss.backward(go)
@@ -177,7 +183,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="append failures here too (JSON lines)")
     parser.add_argument(
         "--confident", action="store_true",
-        help="lift half or all of the targets' logits by 3 to 300 (trained models' peaked rows)",
+        help="make half or all of the rows peaked: the target leads by 3 to 300 (trained models')",
     )  # fmt: skip
     args = parser.parse_args()
     start, stop = (int(s) for s in args.seeds.split(":"))
