@@ -42,6 +42,7 @@ GAMMAS = (0.0, 0.5, 1.0, 3.0, 7.0)
 BETAS = (0.3, 0.8, 1.0, 2.0)
 SOFTCAPS = (None, None, 5.0, 30.0)
 IGNORED = (0.0, 0.3, 1.0)
+MAX_CONFIDENT_LOGIT = 300.0  # --confident linear rows: the lead is the margin or less
 
 
 def upstream_scale(r: random.Random, dtype: torch.dtype) -> float:
@@ -73,7 +74,7 @@ def linear_case(r: random.Random, confident: bool = False) -> tuple[dict, list |
     """One case of ``fused_linear_tofu_loss``: (its description, its failures or None where
     the drawn inputs or their logits are not finite in their dtype). ``confident``: half or
     all of the rows take their argmax as the label, the hidden state scaled so that it leads
-    by 3 to 300."""
+    by 3 to 300 (less where that would take a logit past 300)."""
     dtype = r.choice(DTYPES)
     impl = r.choice(["torch", "chunked", "vocab_chunked", "fused"])
     n, h, v = r.choice([1, 2, 7, 33, 64, 130]), r.choice([1, 3, 16, 33]), r.choice([1, 17, 301])
@@ -101,10 +102,14 @@ def linear_case(r: random.Random, confident: bool = False) -> tuple[dict, list |
     y = random_labels((n,), v, "cpu", ignored)
     if confident and v > 1:  # no hidden state lifts an arbitrary target at small H: the argmax
         peaked = torch.tensor([r.random() < case["confident"] for _ in range(n)]) & (y != -100)
-        top = (x.double() @ w.detach().double().T).topk(2, dim=1)  # before the bias
+        z = x.double() @ w.detach().double().T  # before the bias
+        top = z.topk(2, dim=1)
         y = torch.where(peaked, top.indices[:, 0], y)
-        gap = top.values[:, 0] - top.values[:, 1]
-        x = torch.where(peaked[:, None], x * (case["margin"] / gap)[:, None], x)
+        # the scale that makes the lead the margin, short of logits past 300: a near tie would
+        # take them to thousands, where fp32's own rounding of them is what a case measures
+        scale = torch.minimum(case["margin"] / (top.values[:, 0] - top.values[:, 1]),
+                              MAX_CONFIDENT_LOGIT / z.abs().max(1).values)  # fmt: skip
+        x = torch.where(peaked[:, None], x * scale[:, None], x)
     x = x.to(dtype).requires_grad_(True)
     if not all(torch.isfinite(t).all() for t in (x, w) + ((b,) if bias else ())):
         return case, None  # weights past fp16's range: not a case
