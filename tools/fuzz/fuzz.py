@@ -56,7 +56,13 @@ def upstream_scale(r: random.Random, dtype: torch.dtype) -> float:
     return 10 ** (r.uniform(-6, 4) if dtype == torch.float16 else r.uniform(-30, 8))
 
 
-def rel(actual, expected, tol: float, elementwise: bool, slack=None):
+def rel(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    tol: float,
+    elementwise: bool,
+    slack: torch.Tensor | None = None,
+):
     """(error, largest |expected|): the largest error over the largest |expected| (the linear
     tests' ``rel_err``), or with ``elementwise`` less ``tol`` times each |expected| first (the
     rows tests' ``assert_close``: ``tol * (|expected| + peak)`` per entry); each entry's error
@@ -150,7 +156,7 @@ def linear_case(
     return case, bad + check(pairs, dtype)
 
 
-def gemm32_oracle(x, w, b, y, go, kw: dict) -> tuple:
+def gemm32_oracle(x, w, b, y, go, kw: dict) -> tuple[torch.Tensor, ...]:
     """The float64 oracle's (loss, grad hidden, grad weight, grad bias) on the logits of torch's
     fp32 GEMM of the same inputs instead of the exact ones."""
     with torch.no_grad():
