@@ -214,13 +214,14 @@ def test_filtering_reference_entries_are_the_gradients(device, softcap):
                   grad_output=torch.ones((), device=device))[1]  # fmt: skip
     valid = y != -100
     rows = torch.arange(len(y), device=device)[valid]
+    target = grad[rows, y[valid]].abs()
     want = torch.zeros(len(y), dtype=torch.float64, device=device)
-    want[valid] = grad[rows, y[valid]].abs()
+    want[valid] = target
     if softcap is not None:
         top = z.argmax(1)[valid]
         other = torch.where(top != y[valid], grad[rows, top].abs(), 0.0)
-        want[valid] = torch.maximum(want[valid], other)
-        assert (other > grad[rows, y[valid]].abs()).any()  # where the other column is the larger
+        want[valid] = torch.maximum(target, other)
+        assert (other > target).any()  # where the other column is the larger
     else:
         assert torch.equal(want, grad.abs().max(1).values)  # the target's is the largest
     assert (rowterms[3][~valid] == 0).all()

@@ -56,6 +56,17 @@ def upstream_scale(r: random.Random, dtype: torch.dtype) -> float:
     return 10 ** (r.uniform(-6, 4) if dtype == torch.float16 else r.uniform(-30, 8))
 
 
+def confident_draw(r: random.Random) -> dict:
+    """``--confident``'s parameters of a case: the share of rows made peaked, and the margin."""
+    return dict(confident=r.choice([0.5, 1.0]), margin=10 ** r.uniform(0.5, 2.5))
+
+
+def peaked_rows(r: random.Random, case: dict, labels: torch.Tensor) -> torch.Tensor:
+    """Which rows ``--confident`` makes peaked: each not ignored one with the case's chance."""
+    picked = torch.tensor([r.random() < case["confident"] for _ in range(labels.numel())])
+    return picked.reshape(labels.shape) & (labels != -100)
+
+
 def rel(
     actual: torch.Tensor,
     expected: torch.Tensor,
@@ -112,14 +123,14 @@ def linear_case(
     case = dict(op="linear", dtype=str(dtype), n=n, h=h, v=v, bias=bias, ignored=ignored, xs=xs,
                 zs=zs, go=go_scale, **kw, **{k: str(o) for k, o in opts.items()})  # fmt: skip
     if confident:  # drawn last: the other draws stay those of the seed without the option
-        case.update(confident=r.choice([0.5, 1.0]), margin=10 ** r.uniform(0.5, 2.5))
+        case.update(confident_draw(r))
 
     x = torch.randn(n, h) * xs
     w = (torch.randn(v, h) * ws).to(dtype).requires_grad_(True)
     b = (torch.randn(v) * zs).to(dtype).requires_grad_(True) if bias else None
     y = random_labels((n,), v, "cpu", ignored)
     if confident and v > 1:  # no hidden state lifts an arbitrary target at small H: the argmax
-        peaked = torch.tensor([r.random() < case["confident"] for _ in range(n)]) & (y != -100)
+        peaked = peaked_rows(r, case, y)
         z = x.double() @ w.detach().double().T  # before the bias
         top = z.topk(2, dim=1)
         y = torch.where(peaked, top.indices[:, 0], y)
@@ -179,13 +190,12 @@ def rows_case(r: random.Random, confident: bool = False) -> tuple[dict, list | N
     case = dict(op="rows", dtype=str(dtype), impl=impl, shape=shape, v=v, ignored=ignored,
                 strided=strided, zs=zs, go=go_scale, **kw)  # fmt: skip
     if confident:  # drawn last, as in linear_case
-        case.update(confident=r.choice([0.5, 1.0]), margin=10 ** r.uniform(0.5, 2.5))
+        case.update(confident_draw(r))
 
     full = torch.randn(*shape, v * (2 if strided else 1)) * zs
     y = random_labels(shape, v, "cpu", ignored)
     if confident:
-        lifted = torch.tensor([r.random() < case["confident"] for _ in range(y.numel())])
-        lift = (lifted.reshape(shape) & (y != -100)) * case["margin"]
+        lift = peaked_rows(r, case, y) * case["margin"]
         cols = y.clamp(min=0) * (2 if strided else 1)
         full.scatter_add_(-1, cols.unsqueeze(-1), lift.unsqueeze(-1).float())
     full = full.to(dtype)  # before the view: to() would copy a strided view contiguous
